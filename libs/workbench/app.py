@@ -1,0 +1,187 @@
+"""The app factory: every service is built here, so every service has the same health, readiness,
+metrics, tracing, logging and error format."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from workbench.errors import WorkbenchError
+from workbench.middleware import RequestMiddleware
+from workbench.observability import setup_logging, setup_tracing
+from workbench.problems import PROBLEM_CONTENT_TYPE, problem_body
+from workbench.settings import CoreSettings
+
+log = logging.getLogger("workbench.app")
+
+ReadinessCheck = Callable[[], Awaitable[None]]
+Lifespan = Callable[[FastAPI], AbstractAsyncContextManager[None]]
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_CONTENT_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def problem(status: int, code: str, title: str, detail: str, *,
+            headers: dict[str, str] | None = None, **extra: Any) -> ProblemResponse:
+    return ProblemResponse(problem_body(status, code, title, detail, **extra), status_code=status,
+                           headers=headers)
+
+
+_HTTP_TITLES = {
+    400: ("bad_request", "Bad request"),
+    401: ("unauthorized", "Unauthorized"),
+    403: ("forbidden", "Forbidden"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    406: ("not_acceptable", "Not acceptable"),
+    413: ("payload_too_large", "Payload too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+def _field_path(loc: Sequence[Any]) -> str:
+    parts = [str(p) for p in loc if p not in ("body",)]
+    return ".".join(parts) or "body"
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(WorkbenchError)
+    async def on_domain_error(_: Request, exc: WorkbenchError) -> Response:
+        return problem(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers,
+                       **exc.extra)
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation_error(_: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        for err in errors:
+            if err.get("type") == "json_invalid":
+                ctx = err.get("ctx") or {}
+                return problem(400, "malformed_json", "Malformed JSON",
+                               f"request body is not valid JSON: {ctx.get('error', 'parse error')}"
+                               f" at position {err.get('loc', ['', '?'])[-1]}")
+        fields = [
+            {"field": _field_path(e.get("loc", ())), "message": e.get("msg", ""),
+             "type": e.get("type", "")}
+            for e in errors
+        ]
+        summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+        return problem(422, "validation_failed", "Validation failed", summary, errors=fields)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code, title = _HTTP_TITLES.get(exc.status_code, ("http_error", "HTTP error"))
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = "no such route; see /docs for the API"
+        if exc.status_code == 400 and "parsing the body" in detail:
+            code, title = "malformed_body", "Malformed body"
+        return problem(exc.status_code, code, title, detail, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=exc)
+        return problem(500, "internal_error", "Internal error",
+                       "the server failed to handle this request; it has been logged "
+                       "under the request id")
+
+
+def create_app(
+    *,
+    service: str,
+    settings: CoreSettings,
+    routers: Sequence[APIRouter] = (),
+    lifespan: Lifespan | None = None,
+    readiness: dict[str, ReadinessCheck] | None = None,
+    title: str | None = None,
+    description: str = "",
+    version: str = "0.1.0",
+    body_limit_overrides: dict[str, int] | None = None,
+    openapi_tags: list[dict[str, Any]] | None = None,
+    openapi_url: str | None = "/openapi.json",
+    docs_url: str | None = "/docs",
+    with_middleware: bool = True,
+) -> FastAPI:
+    """Build a service app. `readiness` checks (DB, bus, stores) may also be registered later
+    on `app.state.readiness` from the lifespan, once the clients exist."""
+    setup_logging(service, settings.log_level, settings.log_json)
+    setup_tracing(service, settings.trace_export)
+
+    @asynccontextmanager
+    async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if lifespan is None:
+            yield
+            return
+        async with lifespan(app):
+            yield
+
+    app = FastAPI(
+        title=title or f"xai-workbench {service} service",
+        description=description,
+        version=version,
+        lifespan=app_lifespan,
+        openapi_tags=openapi_tags,
+        openapi_url=openapi_url,
+        docs_url=docs_url,
+        redoc_url=None,
+    )
+    app.state.service = service
+    app.state.settings = settings
+    app.state.readiness = dict(readiness or {})
+    install_error_handlers(app)
+
+    @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok", "service": service}
+
+    @app.get("/readyz", tags=["ops"], summary="Readiness: every dependency answers",
+             responses={503: {"description": "A dependency is down"}})
+    async def readyz() -> Response:
+        checks: dict[str, str] = {}
+        ok = True
+        for name, check in app.state.readiness.items():
+            try:
+                await asyncio.wait_for(check(), timeout=3.0)
+                checks[name] = "ok"
+            except Exception as exc:
+                ok = False
+                checks[name] = f"failed: {type(exc).__name__}: {exc}"[:300]
+        if ok:
+            return JSONResponse({"status": "ready", "service": service, "checks": checks})
+        return problem(503, "not_ready", "Not ready",
+                       "; ".join(f"{k} {v}" for k, v in checks.items() if v != "ok"),
+                       checks=checks)
+
+    @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    for router in routers:
+        app.include_router(router)
+    if not with_middleware:  # the caller wraps the app itself (the gateway)
+        return app
+    app.add_middleware(
+        RequestMiddleware,
+        service=service,
+        max_body_bytes=settings.max_body_bytes,
+        body_limit_overrides=body_limit_overrides,
+        log_access=settings.access_log,
+    )
+    return app
+
+
+PUBLIC_OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect",
+                              "/redoc", "/openapi.json"})

@@ -1,0 +1,159 @@
+"""Async database access for a service: one engine per service, SQLite file (embedded) or a
+PostgreSQL schema (distributed), and one transaction per unit of work."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import DateTime, MetaData, Uuid, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from workbench.settings import CoreSettings, DatabaseSettings, RunMode
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def uuid7() -> uuid.UUID:
+    """Time-ordered UUID (RFC 9562 v7): ids sort by creation, which makes cursors simple."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80
+    value |= 0x7 << 76
+    value |= ((rand >> 62) & 0xFFF) << 64
+    value |= 0b10 << 62
+    value |= rand & ((1 << 62) - 1)
+    return uuid.UUID(int=value)
+
+
+def new_metadata() -> MetaData:
+    """Each service has its own metadata (its own tables, its own migrations)."""
+    return MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class IdMixin:
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True, default=uuid7)
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+
+class TenantMixin:
+    """Every tenant-owned row carries its org; repositories filter on it."""
+
+    org_id: Mapped[uuid.UUID] = mapped_column(Uuid, index=True)
+
+
+def schema_for(service: str) -> str:
+    return f"wb_{service}"
+
+
+class Database:
+    """Owns a service's engine and session factory; created in the lifespan, closed there."""
+
+    def __init__(self, url: str, *, schema: str | None, echo: bool = False, pool_size: int = 10):
+        self.url = url
+        self.schema = schema
+        kwargs: dict[str, Any] = {"echo": echo}
+        backend = make_url(url).get_backend_name()
+        self.is_sqlite = backend == "sqlite"
+        if self.is_sqlite:
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_size"] = pool_size
+            kwargs["max_overflow"] = pool_size
+            kwargs["pool_pre_ping"] = True
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+            event.listen(self.engine.sync_engine, "begin", _sqlite_begin_immediate)
+        elif schema:
+            # Tables are declared without a schema; each service's schema is applied here, so
+            # one set of models serves SQLite files and PostgreSQL schemas alike.
+            self.engine = self.engine.execution_options(schema_translate_map={None: schema})
+        self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        self._commit_listeners: list[Callable[[], None]] = []
+
+    def add_commit_listener(self, fn: Callable[[], None]) -> None:
+        """Called after a transaction that wrote outbox events commits (wakes the relay)."""
+        self._commit_listeners.append(fn)
+
+    def after_commit(self, session: AsyncSession) -> None:
+        if session.info.pop("wb_outbox_pending", False):
+            for fn in self._commit_listeners:
+                fn()
+
+    @classmethod
+    def for_service(
+        cls, service: str, core: CoreSettings, db: DatabaseSettings
+    ) -> Database:
+        url = db.database_url
+        if not url:
+            if core.mode is RunMode.DISTRIBUTED:
+                raise ValueError("WB_DATABASE_URL (PostgreSQL) is required in distributed mode")
+            path = Path(core.data_dir) / "db" / f"{service}.sqlite3"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite+aiosqlite:///{path}"
+        schema = None if url.startswith("sqlite") else schema_for(service)
+        return cls(url, schema=schema, echo=db.db_echo, pool_size=db.db_pool_size)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncSession]:
+        """One unit of work: commits when the block ends, rolls back when it raises."""
+        async with self.sessionmaker() as session:
+            async with session.begin():
+                yield session
+            self.after_commit(session)
+
+    async def ping(self) -> None:
+        async with self.engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+
+def _sqlite_begin_immediate(conn: Any) -> None:
+    # A deferred transaction that reads and then writes can fail at once with "database is
+    # locked" when another writer got there first; taking the write lock up front makes
+    # writers queue on busy_timeout instead.
+    conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # pysqlite's own transaction handling is switched off so the "begin" hook owns BEGIN.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    # WAL lets the outbox relay read while a request writes; foreign keys are off by default.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()

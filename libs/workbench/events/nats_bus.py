@@ -1,0 +1,231 @@
+"""The distributed-mode event bus: NATS JetStream, stream WB_EVENTS on `wb.>`, publishes
+deduplicated by `Nats-Msg-Id`, durable pull consumers acked after processing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import NotFoundError
+
+from workbench.events.bus import ConsumerOptions, Handler, Subscription, backoff_for
+from workbench.events.envelope import EventEnvelope
+
+log = logging.getLogger("workbench.bus")
+
+
+class _Task:
+    def __init__(self, task: asyncio.Task[None]) -> None:
+        self._task = task
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+
+
+class _CoreSub:
+    def __init__(self, sub: object) -> None:
+        self._sub = sub
+
+    async def stop(self) -> None:
+        try:
+            await self._sub.unsubscribe()  # type: ignore[attr-defined]
+        except Exception:
+            pass
+
+
+class JetStreamBus:
+    def __init__(
+        self,
+        url: str,
+        *,
+        stream: str = "WB_EVENTS",
+        duplicate_window_s: float = 300.0,
+        name: str = "workbench",
+        publish_timeout_s: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._stream = stream
+        self._dup_window = duplicate_window_s
+        self._name = name
+        self._publish_timeout = publish_timeout_s
+        self._nc: NatsClient | None = None
+        self._js: JetStreamContext | None = None
+        self._stream_ready = False
+        self._tasks: list[_Task] = []
+
+    async def start(self) -> None:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats: %s", exc)
+
+        async def on_disconnect() -> None:
+            log.warning("nats disconnected; reconnecting")
+
+        async def on_reconnect() -> None:
+            log.info("nats reconnected")
+
+        self._nc = await nats.connect(
+            self._url,
+            name=self._name,
+            allow_reconnect=True,
+            max_reconnect_attempts=-1,
+            reconnect_time_wait=0.5,
+            connect_timeout=3,
+            error_cb=on_error,
+            disconnected_cb=on_disconnect,
+            reconnected_cb=on_reconnect,
+        )
+        self._js = self._nc.jetstream()
+        await self._ensure_stream()
+
+    async def _ensure_stream(self) -> None:
+        if self._stream_ready:
+            return
+        js = self._jetstream()
+        config = StreamConfig(
+            name=self._stream,
+            subjects=["wb.>"],
+            storage=StorageType.FILE,
+            duplicate_window=self._dup_window,
+        )
+        try:
+            await js.stream_info(self._stream)
+        except NotFoundError:
+            await js.add_stream(config)
+        self._stream_ready = True
+
+    def _jetstream(self) -> JetStreamContext:
+        if self._js is None:
+            raise RuntimeError("the event bus is not started")
+        return self._js
+
+    async def close(self) -> None:
+        for t in self._tasks:
+            await t.stop()
+        self._tasks.clear()
+        if self._nc is not None:
+            try:
+                await self._nc.drain()
+            except Exception:
+                await self._nc.close()
+            self._nc = None
+
+    async def ping(self) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            raise ConnectionError("not connected to NATS")
+        await self._nc.flush(timeout=2)
+
+    async def publish(self, event: EventEnvelope) -> None:
+        if self._nc is None or not self._nc.is_connected:
+            # nats-py buffers publishes while reconnecting; the outbox must know the event
+            # did not reach the stream, so a disconnected client is a failed publish.
+            raise ConnectionError("not connected to NATS")
+        await self._ensure_stream()
+        await self._jetstream().publish(
+            event.type,
+            event.to_bytes(),
+            timeout=self._publish_timeout,
+            stream=self._stream,
+            headers={"Nats-Msg-Id": event.id},
+        )
+
+    async def subscribe(
+        self,
+        durable: str,
+        subject: str,
+        handler: Handler,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        opts = options or ConsumerOptions()
+        task = _Task(asyncio.create_task(self._consume(durable, subject, handler, opts)))
+        self._tasks.append(task)
+        return task
+
+    async def _pull_subscription(
+        self, durable: str, subject: str, opts: ConsumerOptions
+    ) -> JetStreamContext.PullSubscription:
+        await self._ensure_stream()
+        return await self._jetstream().pull_subscribe(
+            subject,
+            durable=durable,
+            stream=self._stream,
+            config=ConsumerConfig(
+                durable_name=durable,
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                max_deliver=opts.max_deliver,
+                ack_wait=60,
+                max_ack_pending=max(opts.batch * 4, 1000),
+            ),
+        )
+
+    async def _consume(
+        self, durable: str, subject: str, handler: Handler, opts: ConsumerOptions
+    ) -> None:
+        sub: JetStreamContext.PullSubscription | None = None
+        while True:
+            try:
+                if sub is None:
+                    sub = await self._pull_subscription(durable, subject, opts)
+                msgs = await sub.fetch(opts.batch, timeout=1.0)
+            except (NatsTimeoutError, TimeoutError):
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("consumer %s: fetch failed (%s); retrying", durable, exc)
+                sub = None
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                try:
+                    event = EventEnvelope.from_bytes(msg.data)
+                except Exception as exc:
+                    log.error("consumer %s: undecodable message dropped: %s", durable, exc)
+                    await msg.term()
+                    continue
+                attempt = msg.metadata.num_delivered or 1
+                try:
+                    await handler(event)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    if attempt >= opts.max_deliver:
+                        log.error(
+                            "event parked as dead letter after %d attempts: %s",
+                            attempt,
+                            exc,
+                            extra={"event_id": event.id, "durable": durable},
+                        )
+                        await msg.term()
+                    else:
+                        log.warning("handler failed (attempt %d): %s", attempt, exc)
+                        await msg.nak(delay=backoff_for(opts, attempt))
+                    continue
+                try:
+                    await msg.ack()
+                except Exception as exc:
+                    # The handler's work is committed; a redelivery is absorbed by the
+                    # consumer's processed-id table.
+                    log.warning("ack failed for %s: %s", event.id, exc)
+
+    async def subscribe_broadcast(self, subject: str, handler: Handler) -> Subscription:
+        if self._nc is None:
+            raise RuntimeError("the event bus is not started")
+
+        async def on_msg(msg: object) -> None:
+            try:
+                await handler(EventEnvelope.from_bytes(msg.data))  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("broadcast handler failed")
+
+        sub = await self._nc.subscribe(subject, cb=on_msg)
+        return _CoreSub(sub)

@@ -1,0 +1,258 @@
+"""Transactional outbox: events are written in the same transaction as the state change and
+relayed to the bus afterwards, so nothing is sent for work that rolled back and nothing is lost
+when the bus is down. Also the processed-id table that makes consumers idempotent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    delete,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from workbench import context
+from workbench.db import Database, utcnow
+from workbench.events.bus import EventBus
+from workbench.events.contracts import validate_event_data
+from workbench.events.envelope import EventEnvelope
+
+log = logging.getLogger("workbench.outbox")
+
+OUTBOX_PENDING = "wb_outbox_pending"
+
+
+@dataclass(frozen=True)
+class EventTables:
+    outbox: Table
+    processed: Table
+
+
+def event_tables(metadata: MetaData) -> EventTables:
+    """Declare the outbox and processed-event tables on a service's metadata (its migrations
+    create them like any other table)."""
+    outbox = Table(
+        "wb_outbox",
+        metadata,
+        Column("seq", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+               autoincrement=True),
+        Column("event_id", String(64), nullable=False, unique=True),
+        Column("type", String(200), nullable=False),
+        Column("payload", LargeBinary, nullable=False),
+        Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
+        Column("published_at", DateTime(timezone=True), nullable=True, index=True),
+        Column("attempts", Integer, nullable=False, default=0),
+        Column("last_error", Text, nullable=True),
+    )
+    processed = Table(
+        "wb_processed_events",
+        metadata,
+        Column("consumer", String(100), primary_key=True),
+        Column("event_id", String(64), primary_key=True),
+        Column("processed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+    )
+    return EventTables(outbox, processed)
+
+
+class Outbox:
+    """What a service uses to emit events: `await outbox.record(session, type, data, ...)`."""
+
+    def __init__(self, tables: EventTables, *, source: str) -> None:
+        self.tables = tables
+        self.source = source
+
+    async def record(
+        self,
+        session: AsyncSession,
+        type: str,
+        data: dict[str, Any],
+        *,
+        subject: str | None = None,
+        org_id: str | None = None,
+        actor: str | None = None,
+    ) -> EventEnvelope:
+        validate_event_data(type, data)
+        ctx = context.current()
+        envelope = EventEnvelope(
+            type=type,
+            source=self.source,
+            subject=subject,
+            org_id=org_id,
+            actor=actor,
+            traceparent=ctx.traceparent if ctx else None,
+            request_id=ctx.request_id if ctx else None,
+            data=data,
+        )
+        await session.execute(
+            self.tables.outbox.insert().values(
+                event_id=envelope.id,
+                type=envelope.type,
+                payload=envelope.to_bytes(),
+                created_at=utcnow(),
+                attempts=0,
+            )
+        )
+        session.info[OUTBOX_PENDING] = True
+        return envelope
+
+
+class OutboxRelay:
+    """Moves committed outbox rows to the bus in order. Woken after each commit that wrote
+    events, and polls as a safety net. Several replicas may run: rows are claimed with
+    SKIP LOCKED on PostgreSQL. A row that fails to publish stays and is retried with backoff."""
+
+    def __init__(
+        self,
+        db: Database,
+        bus: EventBus,
+        tables: EventTables,
+        *,
+        batch_size: int = 200,
+        poll_interval_s: float = 1.0,
+        keep_published: timedelta = timedelta(hours=24),
+    ) -> None:
+        self.db, self.bus, self.tables = db, bus, tables
+        self.batch_size = batch_size
+        self.poll_interval_s = poll_interval_s
+        self.keep_published = keep_published
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._backoff = 0.0
+        db.add_commit_listener(self.notify)
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="outbox-relay")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._task = None
+        # A last attempt so a clean shutdown leaves nothing behind that the bus could take.
+        try:
+            await self.relay_once()
+        except Exception:
+            pass
+
+    async def _run(self) -> None:
+        last_cleanup = 0.0
+        loop = asyncio.get_running_loop()
+        while True:
+            timeout = self._backoff or self.poll_interval_s
+            try:
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                while await self.relay_once() == self.batch_size:
+                    pass
+                self._backoff = 0.0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self._backoff = min(max(self._backoff * 2, 0.2), 10.0)
+                log.warning("outbox relay: publish failed, retrying in %.1fs: %s",
+                            self._backoff, exc)
+            if loop.time() - last_cleanup > 300:
+                last_cleanup = loop.time()
+                try:
+                    await self._cleanup()
+                except Exception as exc:
+                    log.warning("outbox cleanup failed: %s", exc)
+
+    async def relay_once(self) -> int:
+        """Publish one batch of pending events; returns how many were published."""
+        t = self.tables.outbox
+        published = 0
+        async with self.db.transaction() as session:
+            stmt = (
+                select(t.c.seq, t.c.payload)
+                .where(t.c.published_at.is_(None))
+                .order_by(t.c.seq)
+                .limit(self.batch_size)
+            )
+            if not self.db.is_sqlite:
+                stmt = stmt.with_for_update(skip_locked=True)
+            rows = (await session.execute(stmt)).all()
+            done: list[int] = []
+            error: Exception | None = None
+            for seq, payload in rows:
+                try:
+                    await self.bus.publish(EventEnvelope.from_bytes(payload))
+                except Exception as exc:
+                    error = exc
+                    await session.execute(
+                        update(t).where(t.c.seq == seq).values(
+                            attempts=t.c.attempts + 1, last_error=str(exc)[:500]
+                        )
+                    )
+                    break
+                done.append(seq)
+            if done:
+                await session.execute(
+                    update(t).where(t.c.seq.in_(done)).values(published_at=utcnow())
+                )
+                published = len(done)
+        if error is not None:
+            raise error
+        return published
+
+    async def pending(self) -> int:
+        t = self.tables.outbox
+        async with self.db.transaction() as session:
+            rows = await session.execute(select(t.c.seq).where(t.c.published_at.is_(None)))
+            return len(rows.all())
+
+    async def _cleanup(self) -> None:
+        t = self.tables.outbox
+        async with self.db.transaction() as session:
+            await session.execute(
+                delete(t).where(t.c.published_at < utcnow() - self.keep_published)
+            )
+
+
+EventWork = Callable[[AsyncSession, EventEnvelope], Awaitable[None]]
+
+
+def idempotent(
+    db: Database, tables: EventTables, consumer: str, work: EventWork
+) -> Callable[[EventEnvelope], Awaitable[None]]:
+    """Wrap a handler so each event id is processed once per consumer: the processed-id row and
+    the handler's writes commit together, so a redelivery after a crash is a no-op."""
+    p = tables.processed
+
+    async def handle(event: EventEnvelope) -> None:
+        async with db.transaction() as session:
+            ins: Any = sqlite.insert(p) if db.is_sqlite else postgresql.insert(p)
+            stmt = ins.values(consumer=consumer, event_id=event.id, processed_at=utcnow())
+            result = await session.execute(stmt.on_conflict_do_nothing())
+            if getattr(result, "rowcount", 1) == 0:
+                return
+            await work(session, event)
+
+    return handle

