@@ -30,8 +30,8 @@ migrate: $(STAMP)
 test: $(STAMP) ## the fast suite (unit, integration against real servers, e2e in both modes)
 	$(BIN)/pytest -m "not slow and not gpu" -q
 
-test-slow: $(STAMP)
-	$(BIN)/pytest -m "slow and not gpu" -q
+test-slow: $(STAMP) ## slow tests (pytest's "no tests collected" counts as success)
+	$(BIN)/pytest -m "slow and not gpu" -q; rc=$$?; [ $$rc -eq 5 ] && exit 0; exit $$rc
 
 test-gpu: $(STAMP)
 	$(BIN)/pytest -m gpu -q

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
 import os
 import random
@@ -42,7 +43,12 @@ class SeaweedS3:
     def client(self) -> Minio:
         http = urllib3.PoolManager(timeout=urllib3.Timeout(connect=2.0, read=10.0), retries=False)
         return Minio(
-            self.endpoint, ACCESS_KEY, SECRET_KEY, secure=False, region="us-east-1", http_client=http
+            self.endpoint,
+            ACCESS_KEY,
+            SECRET_KEY,
+            secure=False,
+            region="us-east-1",
+            http_client=http,
         )
 
     def store(self, bucket: str | None = None, **kw: object) -> S3ObjectStore:
@@ -172,7 +178,7 @@ def wait_until_writable(server: SeaweedS3, proc: subprocess.Popen[bytes]) -> Non
         try:
             if not client.bucket_exists("probe"):
                 client.make_bucket("probe")
-            client.put_object("probe", "ready", _bytes_io(b"ok"), 2)
+            client.put_object("probe", "ready", io.BytesIO(b"ok"), 2)
             return
         except Exception as exc:  # any failure means: not up yet
             last_error = exc
@@ -183,16 +189,8 @@ def wait_until_writable(server: SeaweedS3, proc: subprocess.Popen[bytes]) -> Non
     )
 
 
-def _bytes_io(data: bytes) -> object:
-    import io
-
-    return io.BytesIO(data)
-
-
 @pytest.fixture(params=["local", "s3"])
-async def store(
-    request: pytest.FixtureRequest, tmp_path: Path
-) -> AsyncIterator[ObjectStore]:
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[ObjectStore]:
     if request.param == "local":
         s: ObjectStore = LocalObjectStore(tmp_path / "objects")
     else:
@@ -210,7 +208,9 @@ async def chunks_of(*parts: bytes) -> AsyncIterator[bytes]:
         yield part
 
 
-async def sized_stream(size: int, chunk: int, seed: int, hasher: hashlib._Hash) -> AsyncIterator[bytes]:
+async def sized_stream(
+    size: int, chunk: int, seed: int, hasher: hashlib._Hash
+) -> AsyncIterator[bytes]:
     """`size` pseudo-random bytes made on the fly, as an upload from a client would arrive."""
     rng = random.Random(seed)
     sent = 0
@@ -336,7 +336,9 @@ async def test_missing_key_raises_not_found(store: ObjectStore) -> None:
     assert not await store.exists("nope")
 
 
-@pytest.mark.parametrize("key", ["", "/abs", "a/../b", "a//b", "back\\slash", "nul\x00", "k" * 1025])
+@pytest.mark.parametrize(
+    "key", ["", "/abs", "a/../b", "a//b", "back\\slash", "nul\x00", "k" * 1025]
+)
 async def test_bad_keys_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(BadRequest):
         await store.put_bytes(key, b"x")
