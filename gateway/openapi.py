@@ -48,7 +48,8 @@ def merge_specs(specs: Mapping[str, dict[str, Any]], *, title: str, version: str
         if renames:
             text = json.dumps(spec)
             for old, new in renames.items():
-                text = text.replace(f'"#/components/schemas/{old}"', f'"#/components/schemas/{new}"')
+                text = text.replace(f'"#/components/schemas/{old}"',
+                                    f'"#/components/schemas/{new}"')
             spec = json.loads(text)
         for name, schema in spec.get("components", {}).get("schemas", {}).items():
             schemas[renames.get(name, name)] = schema

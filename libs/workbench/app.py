@@ -89,7 +89,8 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = "no such route; see /docs for the API"
         if exc.status_code == 400 and "parsing the body" in detail:
             code, title = "malformed_body", "Malformed body"
-        return problem(exc.status_code, code, title, detail, headers=exc.headers)
+        return problem(exc.status_code, code, title, detail,
+                       headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(Exception)
     async def on_unexpected(_: Request, exc: Exception) -> Response:

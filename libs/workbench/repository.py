@@ -37,11 +37,11 @@ class Repository(Generic[M]):
         self.session = session
         self.org_id = org_id
 
-    def scoped(self) -> Select[tuple[M]]:
+    def scoped(self) -> Select[Any]:
         return select(self.model).where(self.model.org_id == self.org_id)
 
     async def get(self, id: uuid.UUID) -> M:
-        row = (
+        row: M | None = (
             await self.session.execute(self.scoped().where(self._id_col() == id))
         ).scalar_one_or_none()
         if row is None:
@@ -57,12 +57,13 @@ class Repository(Generic[M]):
         after = decode_cursor(cursor)
         if after is not None:
             stmt = stmt.where(self._id_col() > after)
-        rows = list(
+        rows: list[M] = list(
             (await self.session.execute(stmt.order_by(self._id_col()).limit(limit + 1)))
             .scalars()
             .all()
         )
-        next_cursor = str(getattr(rows[limit - 1], "id")) if len(rows) > limit else None
+        last_id = getattr(rows[limit - 1], "id") if len(rows) > limit else None  # noqa: B009
+        next_cursor = str(last_id) if last_id is not None else None
         return rows[:limit], next_cursor
 
     async def add(self, obj: M) -> M:
@@ -77,4 +78,4 @@ class Repository(Generic[M]):
         await self.session.flush()
 
     def _id_col(self) -> Any:
-        return getattr(self.model, "id")
+        return getattr(self.model, "id")  # noqa: B009

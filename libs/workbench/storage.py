@@ -248,9 +248,9 @@ class ObjectStore(ABC):
 
     @abstractmethod
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """Objects whose key starts with `prefix` (a plain string prefix, as in S3), in key order.
-        sha256 and content_type may be None here where the backend cannot list them cheaply;
-        stat() has them."""
+        """Objects whose key starts with `prefix` (a plain string prefix, as in S3), in key order
+        (SeaweedFS differs: it lists folder by folder, 'a/x' before 'a-c'). sha256 and
+        content_type may be None here where the backend cannot list them cheaply; stat() has them."""
 
 
 # --------------------------------------------------------------------------- local folder

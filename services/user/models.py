@@ -151,6 +151,14 @@ class OrgQuota(Base):
 
 
 __all__ = [
-    "ApiKey", "Base", "EVENT_TABLES", "Membership", "OrgQuota", "Organization", "Project",
-    "RefreshToken", "SigningKey", "User",
+    "EVENT_TABLES",
+    "ApiKey",
+    "Base",
+    "Membership",
+    "OrgQuota",
+    "Organization",
+    "Project",
+    "RefreshToken",
+    "SigningKey",
+    "User",
 ]

@@ -19,8 +19,8 @@ from services.user.keys import Keyring
 from services.user.models import (
     ApiKey,
     Membership,
-    OrgQuota,
     Organization,
+    OrgQuota,
     Project,
     RefreshToken,
     User,
@@ -193,8 +193,9 @@ class UserService:
             # A spent token came back: someone holds a copy. End the whole session.
             await self._revoke_family(s, row.family_id)
             await self.events.refresh_reuse(s, row.user_id, row.org_id, row.family_id)
-            return Refused(Unauthorized("refresh token was already used; the session has been revoked "
-                               "— sign in again", code="refresh_reused"))
+            return Refused(Unauthorized(
+                "refresh token was already used; the session has been revoked — sign in again",
+                code="refresh_reused"))
         if aware(row.expires_at) <= utcnow():  # type: ignore[operator]
             raise Unauthorized("refresh token has expired; sign in again", code="invalid_refresh")
         row.used_at = utcnow()
@@ -328,8 +329,10 @@ class UserService:
             Membership.org_id == org_id, Membership.user_id == user_id
         ))).scalar_one_or_none()
 
-    async def list_members(self, s: AsyncSession, p: Principal, org_id: uuid.UUID, *,
-                           limit: int, cursor: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    async def list_members(
+        self, s: AsyncSession, p: Principal, org_id: uuid.UUID, *, limit: int,
+        cursor: str | None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
         await self.get_org(s, p, org_id)
         rows, nxt = await MembershipRepo(s, p.org_id).list(limit=limit, cursor=cursor)
         users = {u.id: u for u in (await s.execute(
@@ -538,7 +541,9 @@ class UserService:
 
     # ---- quotas ----------------------------------------------------------------------------
 
-    async def quotas(self, s: AsyncSession, p: Principal, org_id: uuid.UUID) -> list[dict[str, Any]]:
+    async def quotas(
+        self, s: AsyncSession, p: Principal, org_id: uuid.UUID
+    ) -> list[dict[str, Any]]:
         await self.get_org(s, p, org_id)
         rows = (await s.execute(select(OrgQuota).where(OrgQuota.org_id == org_id)
                                 .order_by(OrgQuota.resource))).scalars()

@@ -227,11 +227,13 @@ class InProcessBus:
             for seq, subj, payload in batch:
                 if subject_matches(subject, subj):
                     await self._deliver(durable, seq, payload, handler, opts)
-                await self._run(
-                    lambda c, s=seq: c.execute(
-                        "UPDATE consumers SET acked_seq = ? WHERE durable = ?", (s, durable)
-                    )
-                )
+                await self._ack(durable, seq)
+
+    async def _ack(self, durable: str, seq: int) -> None:
+        def ack(c: sqlite3.Connection) -> None:
+            c.execute("UPDATE consumers SET acked_seq = ? WHERE durable = ?", (seq, durable))
+
+        await self._run(ack)
 
     async def _deliver(
         self, durable: str, seq: int, payload: bytes, handler: Handler, opts: ConsumerOptions
@@ -245,18 +247,14 @@ class InProcessBus:
                 raise
             except Exception as exc:
                 if attempt == opts.max_deliver:
+                    error = repr(exc)
                     log.error(
                         "event parked as dead letter after %d attempts: %s",
                         attempt,
                         exc,
                         extra={"event_id": event.id, "durable": durable},
                     )
-                    await self._run(
-                        lambda c: c.execute(
-                            "INSERT OR REPLACE INTO dead_letters VALUES (?,?,?,?)",
-                            (durable, seq, repr(exc), time.time()),
-                        )
-                    )
+                    await self._park(durable, seq, error)
                     return
                 log.warning(
                     "handler failed (attempt %d), retrying: %s",
@@ -265,6 +263,13 @@ class InProcessBus:
                     extra={"event_id": event.id, "durable": durable},
                 )
                 await asyncio.sleep(backoff_for(opts, attempt))
+
+    async def _park(self, durable: str, seq: int, error: str) -> None:
+        def park(c: sqlite3.Connection) -> None:
+            c.execute("INSERT OR REPLACE INTO dead_letters VALUES (?,?,?,?)",
+                      (durable, seq, error, time.time()))
+
+        await self._run(park)
 
     async def dead_letters(self, durable: str) -> list[tuple[int, str]]:
         rows = await self._run(

@@ -27,8 +27,9 @@ _ADMIN = {"org:write", "members:write", "quotas:write", "audit:read", "api_keys:
 
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
     Role.VIEWER: frozenset(_READ),
-    Role.MEMBER: frozenset(_READ | _WRITE | _SELF | {"inference:execute", "workflow:execute",
-                                                     "agent:execute"}),
+    Role.MEMBER: frozenset(
+        _READ | _WRITE | _SELF | {"inference:execute", "workflow:execute", "agent:execute"}
+    ),
     Role.ADMIN: frozenset(_READ | _WRITE | _SELF | _ADMIN),
     Role.OWNER: frozenset(_READ | _WRITE | _SELF | _ADMIN | {"org:delete"}),
 }
@@ -38,7 +39,7 @@ ROLE_RANK = {Role.VIEWER: 0, Role.MEMBER: 1, Role.ADMIN: 2, Role.OWNER: 3}
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """A verified caller. `scopes` narrows the role's permissions (API keys); None = no narrowing."""
+    """A verified caller. `scopes` narrows the role's permissions (API keys); None: no narrowing."""
 
     user_id: uuid.UUID
     org_id: uuid.UUID
