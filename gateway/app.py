@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.auth import Authenticator
 from gateway.openapi import merge_specs
 from gateway.proxy import AsgiUpstream, HttpUpstream, Upstream
-from gateway.routes import is_public, route_for
+from gateway.routes import DEFAULT_ROUTES, RouteTable
 from gateway.settings import GatewaySettings
 from workbench import context
 from workbench.app import create_app
@@ -67,8 +67,9 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings, upstreams: Mapping[str, Upstream],
                  authenticator: Authenticator, limiter: RateLimiter | None,
-                 fallback: ASGIApp) -> None:
+                 fallback: ASGIApp, routes: RouteTable = DEFAULT_ROUTES) -> None:
         self.settings = settings
+        self.routes = routes
         self.upstreams = upstreams
         self.auth = authenticator
         self.limiter = limiter
@@ -93,7 +94,7 @@ class Gateway:
             await self.fallback(scope, receive, send)
             return
         path: str = scope["path"]
-        service = route_for(path)
+        service = self.routes.service_for(path)
         if service is None:
             await self.fallback(scope, receive, send)
             return
@@ -119,7 +120,7 @@ class Gateway:
                 continue
             headers.append((k, v))
         try:
-            if is_public(method, path):
+            if self.routes.is_public(method, path):
                 bucket, rate = f"ip:{ip}", self.rate_anon
             else:
                 credential = api_key or bearer_token(authorization)
@@ -192,6 +193,7 @@ def create_gateway(
     *,
     apps: Mapping[str, ASGIApp] | None = None,
     bus: EventBus | None = None,
+    routes: RouteTable = DEFAULT_ROUTES,
 ) -> FastAPI:
     """Embedded mode passes `apps` (service name → in-process app) and the shared `bus`;
     distributed mode reads `settings.upstreams` and subscribes on NATS."""
@@ -314,7 +316,8 @@ def create_gateway(
                     log.warning("openapi: %s service did not answer: %s", name, result)
                 else:
                     specs[name] = result
-            spec_cache["spec"] = merge_specs(specs, title="xai-workbench API", version="0.1.0")
+            spec_cache["spec"] = merge_specs(specs, title="xai-workbench API", version="0.1.0",
+                                             routes=routes)
             spec_cache["at"] = time.monotonic()
         return JSONResponse(spec_cache["spec"])
 
@@ -329,7 +332,7 @@ def create_gateway(
 
     ops.mount("/docs/static", StaticFiles(directory=SWAGGER_STATIC), name="swagger-static")
 
-    core = _GatewayCore(settings, ops)
+    core = _GatewayCore(settings, ops, routes)
     # The request middleware (ids, metrics, access log, body limit) wraps proxy and ops alike.
     wrapped = RequestMiddleware(core, service="gateway", max_body_bytes=settings.max_body_bytes,
                                 log_access=settings.access_log)
@@ -341,9 +344,10 @@ def create_gateway(
 class _GatewayCore:
     """Built before the lifespan has made the clients; filled in by it."""
 
-    def __init__(self, settings: GatewaySettings, ops: FastAPI) -> None:
+    def __init__(self, settings: GatewaySettings, ops: FastAPI, routes: RouteTable) -> None:
         self.settings = settings
         self.ops = ops
+        self.routes = routes
         self.auth: Authenticator | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.limiter: RateLimiter | None = None
@@ -356,7 +360,7 @@ class _GatewayCore:
                 await self.ops(scope, receive, send)
                 return
             self._gateway = Gateway(self.settings, self.upstreams, self.auth, self.limiter,
-                                    self.ops)
+                                    self.ops, self.routes)
         await self._gateway(scope, receive, send)
 
 

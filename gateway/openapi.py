@@ -8,12 +8,13 @@ import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from gateway.routes import PUBLIC_ROUTES, route_for
+from gateway.routes import DEFAULT_ROUTES, RouteTable
 
 SpecSource = Callable[[], Awaitable[dict[str, Any]]]
 
 
-def merge_specs(specs: Mapping[str, dict[str, Any]], *, title: str, version: str) -> dict[str, Any]:
+def merge_specs(specs: Mapping[str, dict[str, Any]], *, title: str, version: str,
+                routes: RouteTable = DEFAULT_ROUTES) -> dict[str, Any]:
     merged: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
@@ -54,10 +55,10 @@ def merge_specs(specs: Mapping[str, dict[str, Any]], *, title: str, version: str
         for name, schema in spec.get("components", {}).get("schemas", {}).items():
             schemas[renames.get(name, name)] = schema
         for path, ops in spec.get("paths", {}).items():
-            if route_for(path) != service:
+            if routes.service_for(path) != service:
                 continue
             for method, op in ops.items():
-                if isinstance(op, dict) and (method.upper(), path) in PUBLIC_ROUTES:
+                if isinstance(op, dict) and routes.is_public(method.upper(), path):
                     op["security"] = []
             merged["paths"][path] = ops
         for tag in spec.get("tags", []) or []:

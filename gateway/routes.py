@@ -1,7 +1,9 @@
 """The route table: which path prefix goes to which service, and which routes are public.
-A new service plugs in with one line here."""
+A new service plugs in with one line in ROUTE_TABLE."""
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 # (path prefix, service). Longest prefix wins.
 ROUTE_TABLE: list[tuple[str, str]] = [
@@ -20,15 +22,29 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
     ("GET", "/.well-known/jwks.json"),
 })
 
-_SORTED = sorted(ROUTE_TABLE, key=lambda r: -len(r[0]))
+
+class RouteTable:
+    def __init__(self, entries: Iterable[tuple[str, str]] = ROUTE_TABLE,
+                 public: frozenset[tuple[str, str]] = PUBLIC_ROUTES) -> None:
+        self.entries = sorted(entries, key=lambda r: -len(r[0]))
+        self.public = public
+
+    def service_for(self, path: str) -> str | None:
+        for prefix, service in self.entries:
+            if path == prefix or path.startswith(prefix + "/"):
+                return service
+        return None
+
+    def is_public(self, method: str, path: str) -> bool:
+        return (method, path.rstrip("/") or "/") in self.public
+
+
+DEFAULT_ROUTES = RouteTable()
 
 
 def route_for(path: str) -> str | None:
-    for prefix, service in _SORTED:
-        if path == prefix or path.startswith(prefix + "/"):
-            return service
-    return None
+    return DEFAULT_ROUTES.service_for(path)
 
 
 def is_public(method: str, path: str) -> bool:
-    return (method, path.rstrip("/") or "/") in PUBLIC_ROUTES
+    return DEFAULT_ROUTES.is_public(method, path)
