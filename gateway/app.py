@@ -127,7 +127,13 @@ class Gateway:
                 if not credential:
                     raise Unauthorized("credentials are required: send "
                                        "'Authorization: Bearer <token or API key>'")
-                principal, replacement = await self.auth.authenticate(credential)
+                try:
+                    principal, replacement = await self.auth.authenticate(credential)
+                except Unauthorized:
+                    # Failed credentials spend the client IP's anonymous budget, so guessing
+                    # keys or tokens is rate-limited like any anonymous traffic.
+                    await self._limit(f"ip:{ip}", self.rate_anon)
+                    raise
                 token = replacement or credential
                 headers.append((b"authorization", b"Bearer " + token.encode("latin-1")))
                 scope.setdefault("state", {})["principal"] = principal

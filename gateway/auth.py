@@ -109,3 +109,6 @@ class Authenticator:
             self.forget_where(uuid.UUID(str(data["org_id"])))
         elif event.type in ("wb.user.member.removed", "wb.user.member.role_changed"):
             self.forget_where(uuid.UUID(str(data["org_id"])), uuid.UUID(str(data["user_id"])))
+        elif event.type == "wb.user.signing_key.rotated":
+            # Tokens signed by the new key may arrive before the throttled refetch would run.
+            await self.verifier.refresh(force=True)

@@ -116,8 +116,11 @@ async def _run_lifespan(ctx: Callable[[], Any], receive: Receive, send: Send) ->
 
 
 def _serve(app: Any, host: str, port: int) -> None:
+    # proxy_headers off: uvicorn would otherwise trust X-Forwarded-For from 127.0.0.1 and let a
+    # local client pick its own IP; the gateway decides with WB_TRUSTED_PROXIES instead.
     uvicorn.run(app, host=host, port=port, loop="uvloop", http="httptools", log_config=None,
-                access_log=False, lifespan="on", timeout_graceful_shutdown=10)
+                access_log=False, lifespan="on", timeout_graceful_shutdown=10,
+                proxy_headers=False)
 
 
 def cmd_up(args: argparse.Namespace) -> None:

@@ -93,7 +93,7 @@ class AuthSettings(BaseSettings):
     jwt_issuer: str = "xai-workbench"
     jwt_audience: str = "xai-workbench"
     jwks_url: str = "http://127.0.0.1:8001/.well-known/jwks.json"
-    jwks_min_refresh_interval_s: float = Field(default=10.0, ge=0)
+    jwks_min_refresh_interval_s: float = Field(default=1.0, ge=0, le=60)
     jwt_leeway_s: int = Field(default=5, ge=0, le=60)
 
 

@@ -250,7 +250,7 @@ class ObjectStore(ABC):
     def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
         """Objects whose key starts with `prefix` (a plain string prefix, as in S3), in key order
         (SeaweedFS differs: it lists folder by folder, 'a/x' before 'a-c'). sha256 and
-        content_type may be None here where the backend cannot list them cheaply; stat() has them."""
+        content_type may be None where the backend cannot list them cheaply; stat() has them."""
 
 
 # --------------------------------------------------------------------------- local folder
@@ -547,7 +547,8 @@ class _ChunkPipe:
         self._queue: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._space = asyncio.Semaphore(depth)
         self._reader_gone = False
-        self._pending = memoryview(b"")
+        self._pending = b""
+        self._offset = 0
         self._eof = False
         self.sha256 = hashlib.sha256()
         self.size = 0
@@ -575,28 +576,27 @@ class _ChunkPipe:
             self._loop.call_soon_threadsafe(callback)
 
     def read(self, size: int = -1) -> bytes:
-        """Blocks until `size` bytes (all, if negative) or the end of the stream are there; minio
-        asks for a whole part at a time, and one large read saves it re-concatenating."""
-        parts: builtins.list[memoryview] = []
-        have = 0
-        while size < 0 or have < size:
-            if not self._pending:
-                if self._eof:
-                    break
-                item = self._queue.get()
-                if item is None:
-                    self._eof = True
-                    break
-                if isinstance(item, BaseException):
-                    self._eof = True
-                    raise _UploadAborted from item
-                self._notify(self._space.release)
-                self._pending = memoryview(item)
-            take = len(self._pending) if size < 0 else min(size - have, len(self._pending))
-            parts.append(self._pending[:take])
-            self._pending = self._pending[take:]
-            have += take
-        data = b"".join(parts)
+        """Up to `size` bytes of one chunk; blocks only while none is there, b"" at the end.
+        Handing chunks over one at a time lets each go as soon as minio has added it to a part."""
+        if self._offset == len(self._pending):
+            if self._eof:
+                return b""
+            item = self._queue.get()
+            if item is None:
+                self._eof = True
+                return b""
+            if isinstance(item, BaseException):
+                self._eof = True
+                raise _UploadAborted from item
+            self._notify(self._space.release)
+            self._pending, self._offset = item, 0
+        left = len(self._pending) - self._offset
+        take = left if size < 0 else min(size, left)
+        if take == len(self._pending):
+            data = self._pending  # the whole chunk: no copy
+        else:
+            data = self._pending[self._offset : self._offset + take]
+        self._offset += take
         self.sha256.update(data)
         self.size += len(data)
         return data
@@ -772,21 +772,21 @@ class S3ObjectStore(ObjectStore):
         limit = _MAX_PARTS * self._part_size
         limit = limit if max_bytes is None else min(max_bytes, limit)
         await self.ensure_bucket()
-        head = bytearray()
+        # Up to part_size is held back: if the source ends within it, one PUT carries the bytes
+        # and their hash together and no copy is needed afterwards.
+        head: builtins.list[bytes] = []
+        head_size = 0
         pipe: _ChunkPipe | None = None
         upload: asyncio.Future[ObjectWriteResult] | None = None
         try:
             pieces = _pieces(chunks, key=key, limit=limit)
             async with contextlib.aclosing(pieces):
                 async for piece in pieces:
-                    if pipe is not None:
-                        try:
-                            await pipe.send(piece)
-                        except _ReaderGone:
-                            break  # the upload failed; awaiting it below raises why
-                        continue
-                    head += piece
-                    if len(head) > self._part_size:
+                    if pipe is None:
+                        head.append(piece)
+                        head_size += len(piece)
+                        if head_size <= self._part_size:
+                            continue
                         pipe = _ChunkPipe(asyncio.get_running_loop(), depth=4)
                         upload = asyncio.ensure_future(
                             self._call(
@@ -798,10 +798,16 @@ class S3ObjectStore(ObjectStore):
                                 limiter=self._uploads,
                             )
                         )
-                        await pipe.send(bytes(head))  # cannot fail: nothing read it yet
-                        head = bytearray()
+                        outgoing, head = head[::-1], []
+                    else:
+                        outgoing = [piece]
+                    try:
+                        while outgoing:  # popped, so a piece is freed once the thread has read it
+                            await pipe.send(outgoing.pop())
+                    except _ReaderGone:
+                        break  # the upload failed; awaiting it below raises why
             if pipe is None or upload is None:
-                return await self._put_whole(key, bytes(head), content_type)
+                return await self._put_whole(key, b"".join(head), content_type)
             pipe.finish()
             result = await upload
         except BaseException as exc:

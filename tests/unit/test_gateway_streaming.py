@@ -44,6 +44,10 @@ def upstream_app() -> FastAPI:
 
         return StreamingResponse(gen(), media_type="text/event-stream")
 
+    @app.get("/api/v1/auth/echo-headers")
+    async def echo_headers(request: Request) -> dict[str, str]:
+        return dict(request.headers)
+
     @app.post("/api/v1/auth/echo-size")
     async def echo_size(request: Request) -> dict[str, int]:
         size = 0
@@ -56,8 +60,9 @@ def upstream_app() -> FastAPI:
 
 class Server:
     def __init__(self, app: Any, port: int) -> None:
+        # As `wb serve` runs it: uvicorn's own X-Forwarded-For handling off.
         self.server = uvicorn.Server(uvicorn.Config(app, port=port, log_config=None,
-                                                    lifespan="on"))
+                                                    lifespan="on", proxy_headers=False))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> Server:
@@ -79,7 +84,8 @@ def proxied() -> Iterator[str]:
     )
     routes = RouteTable([("/api/v1/stream", "streamer"), ("/api/v1/auth", "user")],
                         frozenset({("GET", "/api/v1/stream/events"),
-                                   ("POST", "/api/v1/auth/echo-size")}))
+                                   ("POST", "/api/v1/auth/echo-size"),
+                                   ("GET", "/api/v1/auth/echo-headers")}))
     with Server(upstream_app(), up_port):
         wait_for_port(up_port)
         with Server(create_gateway(settings, routes=routes), gw_port):
@@ -128,3 +134,18 @@ def test_unreachable_upstream_is_503_problem() -> None:
     assert r.headers["content-type"] == "application/problem+json"
     assert r.json()["code"] == "upstream_unavailable"
     assert "user service" in r.json()["detail"]
+
+
+def test_client_sent_internal_headers_never_reach_a_service(proxied: str) -> None:
+    r = httpx.get(proxied + "/api/v1/auth/echo-headers", headers={
+        "x-wb-internal-token": "forged", "x-wb-principal": "admin", "x-user-id": "1",
+        "x-forwarded-for": "6.6.6.6", "forwarded": "for=6.6.6.6", "x-real-ip": "6.6.6.6",
+        "x-request-id": "client-req-1", "accept": "application/json",
+    }, timeout=10)
+    assert r.status_code == 200, r.text
+    seen = r.json()
+    for name in ("x-wb-internal-token", "x-wb-principal", "x-user-id", "forwarded", "x-real-ip"):
+        assert name not in seen, name
+    assert seen["x-forwarded-for"] == "127.0.0.1"  # the gateway's own view of the client
+    assert seen["x-request-id"] == "client-req-1"
+    assert seen["accept"] == "application/json"

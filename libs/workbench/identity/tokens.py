@@ -55,7 +55,7 @@ class TokenVerifier:
         issuer: str,
         audience: str,
         leeway_s: int = 5,
-        min_refresh_interval_s: float = 10.0,
+        min_refresh_interval_s: float = 1.0,
         cache_size: int = 10_000,
     ) -> None:
         self._source = source
@@ -67,12 +67,20 @@ class TokenVerifier:
         self._cache: OrderedDict[str, tuple[float, Principal]] = OrderedDict()
         self._cache_size = cache_size
 
-    async def refresh(self, *, force: bool = False) -> None:
+    async def refresh(self, *, force: bool = False, want_kid: str | None = None) -> None:
+        """Refetch the JWKS. Fetches are at least `min_refresh_interval_s` apart, so tokens with
+        made-up kids cannot hammer the user service; a caller looking for a kid waits for the
+        next allowed fetch instead of failing (a freshly rotated key must work at once)."""
+        asked = time.monotonic()
         async with self._lock:
-            now = time.monotonic()
-            if not force and now - self._fetched_at < self._min_refresh:
-                return
-            self._fetched_at = now
+            if want_kid is not None and (want_kid in self._keys or self._fetched_at >= asked):
+                return  # a fetch happened while we waited for the lock: its answer stands
+            wait = self._min_refresh - (time.monotonic() - self._fetched_at)
+            if not force and wait > 0:
+                if want_kid is None:
+                    return
+                await asyncio.sleep(wait)
+            self._fetched_at = time.monotonic()
             jwks = await self._source()
             keys: dict[str, _Key] = {}
             for jwk in jwks.get("keys", []):
@@ -88,7 +96,7 @@ class TokenVerifier:
         key = self._keys.get(kid)
         if key is None:
             try:
-                await self.refresh()
+                await self.refresh(want_kid=kid)
             except Exception as exc:
                 raise Unauthorized("signing keys are unavailable; try again") from exc
             key = self._keys.get(kid)
