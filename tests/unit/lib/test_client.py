@@ -16,6 +16,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
+
 from workbench import context
 from workbench.client import (
     BreakerState,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from workbench.events.contracts import (
     ContractViolation,
     declared_event_type,

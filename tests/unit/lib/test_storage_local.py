@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from workbench.errors import BadRequest, Conflict, NotFound, PayloadTooLarge
-from workbench.settings import CoreSettings, ObjectStoreSettings
+from workbench.settings import CoreSettings, ObjectStoreSettings, RunMode
 from workbench.storage import (
     LocalObjectStore,
     ObjectInfo,
@@ -289,3 +289,15 @@ def test_settings_pick_s3_store_with_endpoint(tmp_path: Path) -> None:
     store = object_store_from_settings(CoreSettings(data_dir=tmp_path), settings)
     assert isinstance(store, S3ObjectStore)
     assert (store.endpoint, store.bucket) == ("s3.example.test:9000", "wb-objects")
+
+
+def test_settings_refuse_local_store_in_distributed_mode(tmp_path: Path) -> None:
+    core = CoreSettings(
+        mode=RunMode.DISTRIBUTED,
+        data_dir=tmp_path,
+        secret_key="s" * 32,
+        internal_token="t" * 32,
+    )
+    with pytest.raises(ValueError, match="WB_S3_ENDPOINT"):
+        object_store_from_settings(core, ObjectStoreSettings(s3_endpoint=""))
+    assert not (tmp_path / "objects").exists()
