@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ from workbench.identity.tokens import TokenVerifier
 from workbench.internal import INTERNAL_TOKEN_HEADER
 
 API_KEY_PREFIX = "wbk_"
+# wbk_<16 lower-case letters/digits>_<urlsafe secret>; anything else is refused without a call.
+KEY_SHAPE = re.compile(r"wbk_[a-z0-9]{16}_[A-Za-z0-9_-]{20,100}")
 
 
 @dataclass
@@ -72,14 +75,18 @@ class Authenticator:
             self._inflight.pop(digest, None)
 
     async def _introspect(self, key: str) -> _Exchanged:
+        if not KEY_SHAPE.fullmatch(key):
+            raise Unauthorized("API key is not valid", code="invalid_api_key")
         resp = await self.user_client.post(
             "/internal/v1/api-keys/introspect", json={"key": key},
             headers={INTERNAL_TOKEN_HEADER: self.internal_token, "authorization": ""},
         )
-        if resp.status_code in (401, 422):
+        if resp.status_code == 401:
             body = resp.json() if resp.headers.get("content-type", "").endswith("json") else {}
             raise Unauthorized(str(body.get("detail") or "API key is not valid"),
                                code=str(body.get("code") or "invalid_api_key"))
+        if resp.status_code == 422:
+            raise Unauthorized("API key is not valid", code="invalid_api_key")
         raise_for_problem(resp)
         data = resp.json()
         token = str(data["access_token"])

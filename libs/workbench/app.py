@@ -13,13 +13,15 @@ import orjson
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import iter_route_contexts
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import compile_path
 
 from workbench.errors import WorkbenchError
 from workbench.middleware import RequestMiddleware
 from workbench.observability import setup_logging, setup_tracing
-from workbench.problems import PROBLEM_CONTENT_TYPE, problem_body
+from workbench.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body
 from workbench.settings import CoreSettings
 
 log = logging.getLogger("workbench.app")
@@ -82,9 +84,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(422, "validation_failed", "Validation failed", summary, errors=fields)
 
     @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(_: Request, exc: StarletteHTTPException) -> Response:
+    async def on_http_error(request: Request, exc: StarletteHTTPException) -> Response:
         code, title = _HTTP_TITLES.get(exc.status_code, ("http_error", "HTTP error"))
         detail = exc.detail if isinstance(exc.detail, str) else title
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; RFC 9110 wants all.
+            allowed = _allowed_methods(request)
+            detail = f"{request.method} is not allowed here; use {', '.join(allowed)}"
+            return problem(405, code, title, detail, headers={"allow": ", ".join(allowed)})
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such route; see /docs for the API"
         if exc.status_code == 400 and "parsing the body" in detail:
@@ -98,6 +105,23 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem(500, "internal_error", "Internal error",
                        "the server failed to handle this request; it has been logged "
                        "under the request id")
+
+
+def iter_routes(app: FastAPI) -> list[tuple[str, frozenset[str]]]:
+    """Every (path, methods) an app serves, included routers flattened."""
+    out = []
+    for rc in iter_route_contexts(app.routes):
+        if rc.path is not None:
+            out.append((rc.path, frozenset(rc.methods or ())))
+    return out
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for path, route_methods in iter_routes(request.app):
+        if compile_path(path)[0].match(request.url.path):
+            methods |= route_methods
+    return sorted(methods)
 
 
 def create_app(
@@ -172,6 +196,7 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
+    _document_problem_schema(app)
     if not with_middleware:  # the caller wraps the app itself (the gateway)
         return app
     app.add_middleware(
@@ -182,6 +207,30 @@ def create_app(
         log_access=settings.access_log,
     )
     return app
+
+
+def _document_problem_schema(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            spec = build()
+            schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+            schemas["Problem"] = Problem.model_json_schema(
+                ref_template="#/components/schemas/{model}")
+            for path in spec.get("paths", {}).values():
+                for op in path.values():
+                    for response in op.get("responses", {}).values():
+                        content = response.get("content", {})
+                        # FastAPI adds a bare application/json entry next to ours.
+                        if PROBLEM_CONTENT_TYPE in content and content.get(
+                            "application/json"
+                        ) in ({}, {"schema": {}}):
+                            content.pop("application/json")
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 PUBLIC_OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect",

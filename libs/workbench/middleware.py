@@ -110,10 +110,11 @@ class RequestMiddleware:
                             return
                         started[0] = True
                         status_holder[0] = message["status"]
-                        message.setdefault("headers", [])
-                        message["headers"] = [
-                            *message["headers"], (b"x-request-id", rid.encode())
-                        ]
+                        headers_out = list(message.get("headers", []))
+                        # A proxied response already carries the id the service echoed.
+                        if not any(k.lower() == b"x-request-id" for k, _ in headers_out):
+                            headers_out.append((b"x-request-id", rid.encode()))
+                        message["headers"] = headers_out
                     elif exceeded[0]:
                         return
                     await send(message)

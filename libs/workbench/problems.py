@@ -59,9 +59,14 @@ def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any)
     return orjson.dumps(problem_body(status, code, title, detail, **extra))
 
 
+PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
+
+
 def _resp(status: int, description: str) -> dict[str, Any]:
-    return {"model": Problem, "description": description,
-            "content": {PROBLEM_CONTENT_TYPE: {}}}
+    # The schema sits under the media type actually served; the app factory adds `Problem`
+    # to the components (FastAPI would file a `model` under application/json).
+    return {"description": description,
+            "content": {PROBLEM_CONTENT_TYPE: {"schema": PROBLEM_REF}}}
 
 
 # Added to every router so the OpenAPI documents the error shape of each route.

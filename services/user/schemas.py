@@ -57,6 +57,10 @@ class RefreshRequest(RequestModel):
 
 
 class LogoutRequest(RequestModel):
+    """Without a refresh token, the session of the access token used is ended."""
+
+    model_config = RequestModel.model_config | _ex({"refresh_token": "wbr_3q2…"})
+
     refresh_token: Annotated[str, StringConstraints(min_length=10, max_length=200)] | None = None
 
 

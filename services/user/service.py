@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 import secrets
 import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -27,7 +27,14 @@ from services.user.models import (
 )
 from services.user.settings import DEFAULT_QUOTAS, UserSettings
 from workbench.db import utcnow
-from workbench.errors import Conflict, Forbidden, NotFound, QuotaExceeded, Unauthorized
+from workbench.errors import (
+    Conflict,
+    Forbidden,
+    NotFound,
+    QuotaExceeded,
+    Unauthorized,
+    ValidationFailed,
+)
 from workbench.identity.principal import ALL_PERMISSIONS, ROLE_PERMISSIONS, Principal, Role
 from workbench.repository import Repository
 
@@ -60,13 +67,6 @@ class MembershipRepo(Repository[Membership]):
 def slugify(text: str) -> str:
     slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:50]
     return slug if len(slug) >= 2 else f"org-{slug}".strip("-")
-
-
-def aware(dt: datetime | None) -> datetime | None:
-    """SQLite returns naive datetimes; everything here is UTC."""
-    if dt is not None and dt.tzinfo is None:
-        return dt.replace(tzinfo=UTC)
-    return dt
 
 
 class UserService:
@@ -196,7 +196,7 @@ class UserService:
             return Refused(Unauthorized(
                 "refresh token was already used; the session has been revoked — sign in again",
                 code="refresh_reused"))
-        if aware(row.expires_at) <= utcnow():  # type: ignore[operator]
+        if row.expires_at <= utcnow():
             raise Unauthorized("refresh token has expired; sign in again", code="invalid_refresh")
         row.used_at = utcnow()
         user = await s.get(User, row.user_id)
@@ -472,7 +472,11 @@ class UserService:
                              scopes: list[str], expires_in_days: int | None) -> tuple[ApiKey, str]:
         unknown = sorted(set(scopes) - ALL_PERMISSIONS)
         if unknown:
-            raise Forbidden(f"unknown scopes: {', '.join(unknown)}", code="unknown_scope")
+            raise ValidationFailed(
+                f"unknown scopes: {', '.join(unknown)}; see GET /api/v1/auth/me for the "
+                "permissions your role grants", code="unknown_scope",
+                extra={"errors": [{"field": "scopes", "message": f"unknown scope {u}",
+                                   "type": "unknown_scope"} for u in unknown]})
         beyond = sorted(set(scopes) - p.permissions)
         if beyond:
             raise Forbidden(f"a key cannot have permissions you do not have: {', '.join(beyond)}",
@@ -520,13 +524,13 @@ class UserService:
         if row.revoked_at is not None:
             raise Unauthorized("API key has been revoked", code="api_key_revoked")
         now = utcnow()
-        expires = aware(row.expires_at)
+        expires = row.expires_at
         if expires is not None and expires <= now:
             raise Unauthorized("API key has expired", code="api_key_expired")
         m = await self._membership(s, row.org_id, row.user_id)
         if m is None:
             raise invalid
-        last = aware(row.last_used_at)
+        last = row.last_used_at
         if last is None or now - last > timedelta(seconds=30):
             row.last_used_at = now
         ttl = self.settings.key_exchange_ttl_s

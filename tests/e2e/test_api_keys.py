@@ -167,12 +167,14 @@ def test_viewer_cannot_create_a_key_with_a_write_scope(client: httpx.Client) -> 
 
     assert r.status_code == 403, r.text
     body = r.json()
-    # Viewers lack 'api_keys:write' altogether (ROLE_PERMISSIONS), so the route's permission
-    # check refuses before the scopes are compared with the role.
-    assert body["code"] == "permission_denied"
-    assert body["permission"] == "api_keys:write"
+    assert body["code"] == "scope_exceeds_role"
+    assert "projects:write" in body["detail"]
     owner_view = client.get("/api/v1/api-keys", headers=owner.headers).json()["items"]
     assert owner_view == []
+    # A read-only key is what a viewer may have.
+    ok = client.post("/api/v1/api-keys", json={"name": "dashboard", "scopes": ["projects:read"]},
+                     headers=viewer.headers)
+    assert ok.status_code == 201, ok.text
 
 
 def test_key_cannot_mint_a_key_broader_than_its_own_scopes(client: httpx.Client) -> None:
@@ -195,9 +197,10 @@ def test_unknown_scope_is_refused(client: httpx.Client) -> None:
                                               "scopes": ["projects:read", "rockets:launch"]},
                     headers=owner.headers)
 
-    assert r.status_code == 403, r.text
+    assert r.status_code == 422, r.text
     body = r.json()
     assert body["code"] == "unknown_scope"
+    assert body["errors"][0]["field"] == "scopes"
     assert "rockets:launch" in body["detail"]
     assert client.get("/api/v1/api-keys", headers=owner.headers).json()["items"] == []
 

@@ -14,7 +14,6 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     Column,
-    DateTime,
     Integer,
     LargeBinary,
     MetaData,
@@ -29,7 +28,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from workbench import context
-from workbench.db import Database, utcnow
+from workbench.db import Database, UTCDateTime, utcnow
 from workbench.events.bus import EventBus
 from workbench.events.contracts import validate_event_data
 from workbench.events.envelope import EventEnvelope
@@ -56,8 +55,8 @@ def event_tables(metadata: MetaData) -> EventTables:
         Column("event_id", String(64), nullable=False, unique=True),
         Column("type", String(200), nullable=False),
         Column("payload", LargeBinary, nullable=False),
-        Column("created_at", DateTime(timezone=True), nullable=False, default=utcnow),
-        Column("published_at", DateTime(timezone=True), nullable=True, index=True),
+        Column("created_at", UTCDateTime, nullable=False, default=utcnow),
+        Column("published_at", UTCDateTime, nullable=True, index=True),
         Column("attempts", Integer, nullable=False, default=0),
         Column("last_error", Text, nullable=True),
     )
@@ -66,7 +65,7 @@ def event_tables(metadata: MetaData) -> EventTables:
         metadata,
         Column("consumer", String(100), primary_key=True),
         Column("event_id", String(64), primary_key=True),
-        Column("processed_at", DateTime(timezone=True), nullable=False, default=utcnow),
+        Column("processed_at", UTCDateTime, nullable=False, default=utcnow),
     )
     return EventTables(outbox, processed)
 

@@ -26,7 +26,7 @@ _ADMIN = {"org:write", "members:write", "quotas:write", "audit:read", "api_keys:
           "inference:execute", "workflow:execute", "agent:execute"}
 
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
-    Role.VIEWER: frozenset(_READ),
+    Role.VIEWER: frozenset(_READ | _SELF),  # read-only keys: scopes never exceed the role
     Role.MEMBER: frozenset(
         _READ | _WRITE | _SELF | {"inference:execute", "workflow:execute", "agent:execute"}
     ),
