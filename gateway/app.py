@@ -28,7 +28,7 @@ from gateway.settings import GatewaySettings
 from workbench import context
 from workbench.app import create_app
 from workbench.client import ServiceClient
-from workbench.errors import RateLimited, Unauthorized, WorkbenchError
+from workbench.errors import RateLimited, ServiceUnavailable, Unauthorized, WorkbenchError
 from workbench.events.bus import EventBus, Subscription
 from workbench.identity.deps import bearer_token
 from workbench.identity.tokens import TokenVerifier
@@ -99,8 +99,10 @@ class Gateway:
             await self.fallback(scope, receive, send)
             return
         upstream = self.upstreams.get(service)
+        # Metrics and access logs of the gateway are labelled by route-table entry.
+        scope["route"] = self.routes.label_for(service, path)
         if upstream is None:
-            await send_problem(send, WorkbenchError(
+            await send_problem(send, ServiceUnavailable(
                 f"the {service} service is not deployed in this installation",
                 code="service_not_deployed"))
             return
@@ -388,7 +390,7 @@ class _GatewayApp:
 
 def _upstream_check(client: ServiceClient) -> Callable[[], Awaitable[None]]:
     async def check() -> None:
-        resp = await client.get("/healthz")
+        resp = await client.get("/readyz")
         if resp.status_code != 200:
-            raise ConnectionError(f"healthz answered {resp.status_code}")
+            raise ConnectionError(f"readyz answered {resp.status_code}")
     return check

@@ -23,6 +23,15 @@ PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({
 })
 
 
+class RouteLabel:
+    """Stands in for a framework route in the ASGI scope (its `path` labels metrics)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+
 class RouteTable:
     def __init__(self, entries: Iterable[tuple[str, str]] = ROUTE_TABLE,
                  public: frozenset[tuple[str, str]] = PUBLIC_ROUTES) -> None:
@@ -34,6 +43,12 @@ class RouteTable:
             if path == prefix or path.startswith(prefix + "/"):
                 return service
         return None
+
+    def label_for(self, service: str, path: str) -> RouteLabel:
+        for prefix, name in self.entries:
+            if name == service and (path == prefix or path.startswith(prefix + "/")):
+                return RouteLabel(prefix + "/*")
+        return RouteLabel("unmatched")
 
     def is_public(self, method: str, path: str) -> bool:
         return (method, path.rstrip("/") or "/") in self.public

@@ -30,6 +30,7 @@ from starlette.types import Receive, Scope, Send
 from workbench.db import Database
 from workbench.events.bus import InProcessBus
 from workbench.migrations import upgrade
+from workbench.observability import setup_logging
 from workbench.settings import CoreSettings, RunMode
 
 
@@ -76,6 +77,8 @@ class EmbeddedPlatform:
         from gateway.settings import GatewaySettings
 
         core = CoreSettings()
+        # One process, one log stream: lines name their service themselves.
+        setup_logging("workbench", core.log_level, core.log_json)
         self.bus = InProcessBus(core.data_dir / "bus" / "events.sqlite3")
         self.apps: dict[str, FastAPI] = {
             name: spec.load().create_app(spec.make_settings(), bus=self.bus)

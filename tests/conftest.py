@@ -43,6 +43,11 @@ def base_env(**extra: str) -> dict[str, str]:
         "WB_RATE_LIMIT_ANONYMOUS": "100000/60",
         "WB_ACCESS_LOG": "false",
         "WB_OUTBOX_POLL_INTERVAL_S": "0.2",
+        # Still argon2id, at the lowest cost the settings allow: hundreds of sign-ups per run.
+        "WB_PASSWORD_TIME_COST": "1",
+        "WB_PASSWORD_MEMORY_KIB": "8192",
+        # Keys are re-read often, so sign-ins overlap a reload all the time.
+        "WB_KEYRING_RELOAD_INTERVAL_S": "0.5",
     })
     env.update(extra)
     return env

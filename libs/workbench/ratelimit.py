@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 
 log = logging.getLogger("workbench.ratelimit")
@@ -104,9 +104,13 @@ class RedisRateLimiter:
     before trying Redis again."""
 
     def __init__(self, url: str, *, prefix: str = "wb:rl", retry_s: float = 5.0,
-                 timeout_s: float = 0.25) -> None:
-        self._redis = Redis.from_url(url, socket_timeout=timeout_s,
-                                     socket_connect_timeout=timeout_s)
+                 timeout_s: float = 0.25, max_connections: int = 256) -> None:
+        # A blocking pool: a burst waits briefly for a connection instead of failing, and a
+        # full pool is never mistaken for Redis being down.
+        pool = BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=timeout_s * 4,
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_LUA)
         self._prefix = prefix
         self._fallback = MemoryRateLimiter()

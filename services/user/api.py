@@ -97,7 +97,8 @@ async def list_orgs(p: PrincipalDep, s: SessionDep, request: Request) -> Any:
 
 @orgs.post("", status_code=201, response_model=sch.OrgWithRole,
            summary="Create an organization (you become its owner)")
-async def create_org(body: sch.OrgCreate, p: PrincipalDep, s: SessionDep, request: Request) -> Any:
+async def create_org(body: sch.OrgCreate, p: Annotated[Principal, require("orgs:create")],
+                     s: SessionDep, request: Request) -> Any:
     org = await svc(request).create_org(s, p, body.name, body.slug)
     return _org_with_role(org, "owner")
 

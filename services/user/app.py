@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -37,8 +38,10 @@ def create_app(settings: UserSettings | None = None, *, bus: EventBus | None = N
         if own_bus:
             await event_bus.start()
         keyring = Keyring(db, settings.secret_key.get_secret_value().encode(),
-                          access_ttl_s=max(settings.access_ttl_s, settings.key_exchange_ttl_s))
+                          access_ttl_s=max(settings.access_ttl_s, settings.key_exchange_ttl_s),
+                          reload_interval_s=settings.keyring_reload_interval_s)
         await keyring.load()
+        refresher = asyncio.create_task(keyring.run_refresher(), name="keyring-refresh")
         relay = OutboxRelay(db, event_bus, EVENT_TABLES,
                             batch_size=settings.outbox_batch_size,
                             poll_interval_s=settings.outbox_poll_interval_s)
@@ -55,6 +58,7 @@ def create_app(settings: UserSettings | None = None, *, bus: EventBus | None = N
         try:
             yield
         finally:
+            refresher.cancel()
             await relay.stop()
             if own_bus:
                 await event_bus.close()

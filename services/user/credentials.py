@@ -17,23 +17,29 @@ API_KEY_PREFIX = "wbk"
 REFRESH_PREFIX = "wbr"
 _ID_ALPHABET = string.ascii_lowercase + string.digits
 
-_hasher = PasswordHasher()  # argon2id, RFC 9106 low-memory parameters
-# Verified against when the account does not exist, so timing does not reveal which emails do.
-_DUMMY_HASH = _hasher.hash("not-a-real-password-0000")
+class PasswordHashing:
+    """argon2id. Parameters are settings (RFC 9106's low-memory choice by default); each hash
+    records its own, so changing them never locks anyone out."""
 
+    def __init__(self, time_cost: int = 3, memory_kib: int = 65536, parallelism: int = 4) -> None:
+        self._hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib,
+                                      parallelism=parallelism)
+        # Verified against when the account does not exist, so timing does not reveal which
+        # emails are registered.
+        self._dummy = self._hasher.hash("not-a-real-password-0000")
 
-async def hash_password(password: str) -> str:
-    return await asyncio.to_thread(_hasher.hash, password)
+    async def hash(self, password: str) -> str:
+        return await asyncio.to_thread(self._hasher.hash, password)
 
+    async def verify(self, password_hash: str | None, password: str) -> bool:
+        def check() -> bool:
+            try:
+                ok = self._hasher.verify(password_hash or self._dummy, password)
+                return ok and bool(password_hash)
+            except (VerifyMismatchError, VerificationError, InvalidHashError):
+                return False
 
-async def verify_password(password_hash: str | None, password: str) -> bool:
-    def check() -> bool:
-        try:
-            return _hasher.verify(password_hash or _DUMMY_HASH, password) and bool(password_hash)
-        except (VerifyMismatchError, VerificationError, InvalidHashError):
-            return False
-
-    return await asyncio.to_thread(check)
+        return await asyncio.to_thread(check)
 
 
 def digest(secret: str) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import time
 from datetime import timedelta
@@ -21,6 +22,7 @@ from services.user.models import SigningKey
 from workbench.db import Database, utcnow
 
 ALG = "RS256"
+log = logging.getLogger("services.user.keys")
 
 
 def _generate(secret: bytes) -> SigningKey:
@@ -37,6 +39,10 @@ def _generate(secret: bytes) -> SigningKey:
 
 
 class Keyring:
+    """Signing and publishing never touch the database: a request's own transaction may hold
+    the (SQLite) write lock. Keys are (re)loaded at start, after a rotation and periodically
+    by `run_refresher`, so other replicas pick up a rotation too."""
+
     def __init__(self, db: Database, secret: bytes, *, access_ttl_s: int,
                  reload_interval_s: float = 30.0) -> None:
         self.db = db
@@ -75,26 +81,31 @@ class Keyring:
 
     async def rotate(self, session: AsyncSession) -> tuple[str, str | None]:
         """Make a new active key; the old one is retired but stays in the JWKS."""
-        previous = self._active_kid
+        previous: str | None = None
         for key in (await session.execute(
             select(SigningKey).where(SigningKey.retired_at.is_(None))
+            .order_by(SigningKey.created_at)
         )).scalars():
             key.retired_at = utcnow()
+            previous = key.kid
         new = await asyncio.to_thread(_generate, self.secret)
         session.add(new)
         await session.flush()
         return new.kid, previous
 
-    async def maybe_reload(self) -> None:
-        if time.monotonic() - self._loaded_at > self.reload_interval_s:
-            await self.load()
+    async def run_refresher(self) -> None:
+        """Background task of the service's lifespan."""
+        while True:
+            await asyncio.sleep(self.reload_interval_s)
+            try:
+                await self.load()
+            except Exception as exc:  # keep signing with the keys we have
+                log.warning("keyring reload failed: %s", exc)
 
     async def jwks(self) -> dict[str, Any]:
-        await self.maybe_reload()
         return self._jwks
 
     async def sign(self, claims: dict[str, Any]) -> str:
-        await self.maybe_reload()
         if self._private is None or self._active_kid is None:
             raise RuntimeError("keyring not loaded")
         return jwt.encode(claims, self._private, algorithm=ALG, headers={"kid": self._active_kid})

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
 
 from workbench.identity.principal import Role
 from workbench.schemas import RequestModel, ResponseModel
@@ -139,8 +139,22 @@ class OrgCreate(RequestModel):
     slug: Slug | None = None
 
 
-class OrgUpdate(RequestModel):
+class _NoNulls(RequestModel):
+    """A partial update: omit a field to keep it; `null` is refused where a value must exist."""
+
+    _not_null: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _refuse_nulls(self) -> _NoNulls:
+        for name in self._not_null:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null; omit it to keep the current value")
+        return self
+
+
+class OrgUpdate(_NoNulls):
     model_config = RequestModel.model_config | _ex({"name": "Acme Labs"})
+    _not_null = ("name", "settings")
 
     name: Name | None = None
     settings: dict[str, Any] | None = None
@@ -177,8 +191,9 @@ class ProjectCreate(RequestModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-class ProjectUpdate(RequestModel):
+class ProjectUpdate(_NoNulls):
     model_config = RequestModel.model_config | _ex({"description": "RAG over manuals and SOPs"})
+    _not_null = ("name", "settings")
 
     name: Name | None = None
     description: Annotated[str, StringConstraints(max_length=5000)] | None = None

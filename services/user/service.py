@@ -65,8 +65,9 @@ class MembershipRepo(Repository[Membership]):
 
 
 def slugify(text: str) -> str:
-    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:50]
-    return slug if len(slug) >= 2 else f"org-{slug}".strip("-")
+    """A readable slug; names with too few usable characters get a random one."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:50].strip("-")
+    return slug if len(slug) >= 2 else f"{slug or 'x'}-{secrets.token_hex(3)}"
 
 
 class UserService:
@@ -74,6 +75,8 @@ class UserService:
         self.settings = settings
         self.keyring = keyring
         self.events = events
+        self.passwords = credentials.PasswordHashing(settings.password_time_cost,
+                                                     settings.password_memory_kib)
 
     # ---- accounts and sessions -------------------------------------------------------------
 
@@ -91,7 +94,7 @@ class UserService:
             field = "email" if taken.email.lower() == email else "username"
             raise Conflict(f"that {field} is already registered", code=f"{field}_taken")
         user = User(email=email, username=username, display_name=display_name,
-                    password_hash=await credentials.hash_password(password))
+                    password_hash=await self.passwords.hash(password))
         s.add(user)
         try:
             await s.flush()
@@ -110,7 +113,7 @@ class UserService:
         user = (await s.execute(
             select(User).where((func.lower(User.email) == ident) | (User.username == ident))
         )).scalar_one_or_none()
-        ok = await credentials.verify_password(user.password_hash if user else None, password)
+        ok = await self.passwords.verify(user.password_hash if user else None, password)
         if user is None or not ok or not user.is_active:
             reason = "inactive" if user is not None and ok else "invalid_credentials"
             await self.events.login_failed(s, ident, reason, user)
@@ -403,7 +406,8 @@ class UserService:
 
     async def remove_member(self, s: AsyncSession, p: Principal, org_id: uuid.UUID,
                             user_id: uuid.UUID) -> None:
-        leaving_self = user_id == p.user_id
+        # Anyone may leave an org — but an API key acts for its scopes, not as the person.
+        leaving_self = user_id == p.user_id and p.key_id is None
         if not leaving_self and not p.can("members:write"):
             raise Forbidden("removing members needs the 'members:write' permission",
                             code="permission_denied")
@@ -565,7 +569,8 @@ class UserService:
             return None
         stmt = select(func.count()).select_from(model).where(model.org_id == org_id)
         if model is ApiKey:
-            stmt = stmt.where(ApiKey.revoked_at.is_(None))
+            stmt = stmt.where(ApiKey.revoked_at.is_(None)).where(
+                ApiKey.expires_at.is_(None) | (ApiKey.expires_at > utcnow()))
         return int((await s.execute(stmt)).scalar_one())
 
     async def _quota_row(self, s: AsyncSession, org_id: uuid.UUID, resource: str) -> OrgQuota:

@@ -78,3 +78,18 @@ def test_login_by_username_and_into_another_org(client: httpx.Client) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["org_id"] == org.json()["id"]
     assert r.json()["role"] == "owner"
+
+
+def test_sign_in_keeps_working_across_signing_key_reloads(client: httpx.Client) -> None:
+    # The keyring re-reads its keys every 0.5 s in tests; signing must never wait on the
+    # database (on SQLite a request's own transaction holds the write lock).
+    import time
+
+    user = register(client)
+    for _ in range(4):
+        time.sleep(0.6)
+        started = time.monotonic()
+        r = client.post("/api/v1/auth/login", json={"email": user.email,
+                                                    "password": user.password})
+        assert r.status_code == 200, r.text
+        assert time.monotonic() - started < 5

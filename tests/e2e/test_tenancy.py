@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, datetime
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx

@@ -108,7 +108,12 @@ def attacker_key_server() -> Iterator[KeyServer]:
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield KeyServer(f"http://127.0.0.1:{server.server_address[1]}", hits)
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        # The recorder works: a zero count later means "never fetched", not "never recorded".
+        assert httpx.get(f"{url}/self-check", timeout=5).json() == {"keys": [jwk]}
+        assert hits == ["/self-check"]
+        hits.clear()
+        yield KeyServer(url, hits)
     finally:
         server.shutdown()
         server.server_close()
@@ -162,9 +167,11 @@ class Target:
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
-@pytest.fixture(params=TARGETS)
+@pytest.fixture(scope="module", params=TARGETS)
 def target(request: pytest.FixtureRequest) -> Iterator[Target]:
-    """The gateway of each run mode, and the user service reached directly (distributed)."""
+    """The gateway of each run mode, and the user service reached directly (distributed).
+    One registered user per target serves the whole module: tokens differ per test (fresh
+    iat/exp/jti), the account need not."""
     via, mode = request.param.rsplit("-", 1)
     platform = request.getfixturevalue(f"{mode}_platform")
     with platform.client() as gateway:
@@ -174,19 +181,23 @@ def target(request: pytest.FixtureRequest) -> Iterator[Target]:
             yield Target(request.param, gateway, user, kid, private_key)
             return
         assert platform.user_url is not None
-        with httpx.Client(base_url=platform.user_url, timeout=30.0) as direct:
+        with platform.client() as direct:  # keeps the no-secrets-in-responses check
+            direct.base_url = httpx.URL(platform.user_url)
             yield Target(request.param, direct, user, kid, private_key)
 
 
-def assert_refused(r: httpx.Response, code: str = "invalid_token") -> dict[str, Any]:
+def assert_refused(r: httpx.Response, reason: str, code: str = "invalid_token") -> None:
+    """401 problem+json with `code`; `reason` (a word of the detail) shows the token was refused
+    for the property under test and not for some other flaw of the forgery."""
     assert r.status_code == 401, r.text
     assert r.headers["content-type"].startswith("application/problem+json"), r.headers
+    assert r.headers.get("www-authenticate", "").startswith("Bearer"), r.headers
     body: dict[str, Any] = r.json()
     assert body["code"] == code, body
     for name in PROBLEM_FIELDS:
         assert body.get(name), f"problem lacks {name!r}: {body}"
     assert body["status"] == 401
-    return body
+    assert reason.lower() in body["detail"].lower(), body
 
 
 # ---- the positive control -------------------------------------------------------------------
@@ -203,21 +214,21 @@ def test_token_signed_with_the_real_key_and_correct_claims_is_accepted(target: T
 
 
 def test_unsigned_alg_none_token_is_refused(target: Target) -> None:
-    assert_refused(target.me(unsigned(target.claims(), target.kid)))
+    assert_refused(target.me(unsigned(target.claims(), target.kid)), "algorithm")
 
 
 def test_hs256_token_keyed_with_the_public_key_is_refused(target: Target) -> None:
     forged = hs256_by_hand(target.claims(), target.public_pem(), target.kid)
-    assert_refused(target.me(forged))
+    assert_refused(target.me(forged), "algorithm")
 
 
 def test_token_signed_by_another_rsa_key_under_the_real_kid_is_refused(target: Target) -> None:
-    assert_refused(target.me(rs256(target.claims(), ATTACKER_KEY, target.kid)))
+    assert_refused(target.me(rs256(target.claims(), ATTACKER_KEY, target.kid)), "signature")
 
 
 def test_real_token_with_one_flipped_signature_byte_is_refused(target: Target) -> None:
     assert target.me(target.user.access_token).status_code == 200
-    assert_refused(target.me(flip_signature_byte(target.user.access_token)))
+    assert_refused(target.me(flip_signature_byte(target.user.access_token)), "signature")
 
 
 # ---- time, issuer, audience -----------------------------------------------------------------
@@ -226,22 +237,23 @@ def test_real_token_with_one_flipped_signature_byte_is_refused(target: Target) -
 def test_expired_token_is_refused_as_token_expired(target: Target) -> None:
     now = int(time.time())
     claims = target.claims(iat=now - 7200, nbf=now - 7200, exp=now - 3600)
-    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "token_expired")
+    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "expired",
+                   code="token_expired")
 
 
 def test_token_not_valid_before_a_future_nbf_is_refused(target: Target) -> None:
     claims = target.claims(nbf=int(time.time()) + 3600)
-    assert_refused(target.me(rs256(claims, target.private_key, target.kid)))
+    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "not valid yet")
 
 
 def test_token_from_a_foreign_issuer_is_refused(target: Target) -> None:
     claims = target.claims(iss="https://attacker.example")
-    assert_refused(target.me(rs256(claims, target.private_key, target.kid)))
+    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "issuer")
 
 
 def test_token_for_a_foreign_audience_is_refused(target: Target) -> None:
     claims = target.claims(aud="some-other-app")
-    assert_refused(target.me(rs256(claims, target.private_key, target.kid)))
+    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "audience")
 
 
 # ---- key ids and key-location headers -------------------------------------------------------
@@ -250,12 +262,12 @@ def test_token_for_a_foreign_audience_is_refused(target: Target) -> None:
 def test_token_with_an_unknown_kid_is_refused(target: Target) -> None:
     # Signed with the real key: the key is chosen by kid, never by trying every key.
     token = rs256(target.claims(), target.private_key, f"unknown{uuid.uuid4().hex[:12]}")
-    assert_refused(target.me(token))
+    assert_refused(target.me(token), "unknown key")
 
 
 def test_token_with_a_path_like_kid_is_refused(target: Target) -> None:
     token = rs256(target.claims(), target.private_key, "../../etc/passwd")
-    assert_refused(target.me(token))
+    assert_refused(target.me(token), "key id")
 
 
 @pytest.mark.parametrize("header", ["jku", "x5u"])
@@ -265,7 +277,7 @@ def test_token_pointing_at_an_attacker_key_url_is_refused_and_the_url_never_fetc
     before = len(attacker_key_server.hits)
     url = f"{attacker_key_server.url}/{target.name}/{header}/jwks.json"
     token = rs256(target.claims(), ATTACKER_KEY, ATTACKER_KID, **{header: url})
-    assert_refused(target.me(token))
+    assert_refused(target.me(token), "key-location")
     time.sleep(0.2)  # a fetch in the background would have landed by now
     assert attacker_key_server.hits[before:] == []
 
@@ -273,7 +285,7 @@ def test_token_pointing_at_an_attacker_key_url_is_refused_and_the_url_never_fetc
 def test_token_embedding_its_own_verification_key_is_refused(target: Target) -> None:
     jwk = json.loads(RSAAlgorithm.to_jwk(ATTACKER_KEY.public_key()))
     token = rs256(target.claims(), ATTACKER_KEY, ATTACKER_KID, jwk=jwk)
-    assert_refused(target.me(token))
+    assert_refused(target.me(token), "key-location")
 
 
 # ---- claims the token must carry ------------------------------------------------------------
@@ -281,9 +293,9 @@ def test_token_embedding_its_own_verification_key_is_refused(target: Target) -> 
 
 def test_token_of_a_type_other_than_access_is_refused(target: Target) -> None:
     claims = target.claims(typ="refresh")
-    assert_refused(target.me(rs256(claims, target.private_key, target.kid)))
+    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "access token")
 
 
 def test_token_without_sub_is_refused(target: Target) -> None:
     claims = target.claims(sub=None)
-    assert_refused(target.me(rs256(claims, target.private_key, target.kid)))
+    assert_refused(target.me(rs256(claims, target.private_key, target.kid)), "sub")

@@ -141,9 +141,10 @@ class InProcessBus:
         for t in self._tasks:
             await t.stop()
         self._tasks.clear()
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        async with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
 
     async def ping(self) -> None:
         await self._run(lambda c: c.execute("SELECT 1").fetchone())
@@ -153,7 +154,14 @@ class InProcessBus:
             raise RuntimeError("the event bus is not started")
         conn = self._conn
         async with self._lock:
-            return await asyncio.to_thread(fn, conn)
+            call = asyncio.ensure_future(asyncio.to_thread(fn, conn))
+            try:
+                return await asyncio.shield(call)
+            except asyncio.CancelledError:
+                # The thread runs on regardless; keep the lock until it is done so close()
+                # never pulls the connection out from under it.
+                await asyncio.wait({call})
+                raise
 
     async def publish(self, event: EventEnvelope) -> None:
         payload = event.to_bytes()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -42,6 +41,15 @@ class _CoreSub:
             pass
 
 
+class _Pending:
+    def __init__(self, bus: JetStreamBus, entry: tuple[str, Handler]) -> None:
+        self._bus, self._entry = bus, entry
+
+    async def stop(self) -> None:
+        if self._entry in self._bus._pending_broadcasts:
+            self._bus._pending_broadcasts.remove(self._entry)
+
+
 class JetStreamBus:
     def __init__(
         self,
@@ -51,6 +59,7 @@ class JetStreamBus:
         duplicate_window_s: float = 300.0,
         name: str = "workbench",
         publish_timeout_s: float = 5.0,
+        first_connect_timeout_s: float = 5.0,
     ) -> None:
         self._url = url
         self._stream = stream
@@ -61,8 +70,22 @@ class JetStreamBus:
         self._js: JetStreamContext | None = None
         self._stream_ready = False
         self._tasks: list[_Task] = []
+        self._connector: asyncio.Task[None] | None = None
+        self._pending_broadcasts: list[tuple[str, Handler]] = []
+        self._first_connect_timeout_s = first_connect_timeout_s
 
     async def start(self) -> None:
+        """Connect, or — when NATS is down — start anyway and keep connecting in the
+        background: publishes fail meanwhile (the outbox keeps the events), consumers wait,
+        readiness reports the bus as down."""
+        try:
+            await self._connect_once()
+        except Exception as exc:
+            log.warning("NATS at %s is unreachable (%s); connecting in the background",
+                        self._url, exc)
+            self._connector = asyncio.create_task(self._connect_forever(), name="nats-connect")
+
+    async def _connect_once(self) -> None:
         async def on_error(exc: Exception) -> None:
             log.warning("nats: %s", exc)
 
@@ -72,19 +95,45 @@ class JetStreamBus:
         async def on_reconnect() -> None:
             log.info("nats reconnected")
 
-        self._nc = await nats.connect(
-            self._url,
-            name=self._name,
-            allow_reconnect=True,
-            max_reconnect_attempts=-1,
-            reconnect_time_wait=0.5,
-            connect_timeout=3,
-            error_cb=on_error,
-            disconnected_cb=on_disconnect,
-            reconnected_cb=on_reconnect,
-        )
-        self._js = self._nc.jetstream()
+        nc = NatsClient()
+        try:
+            # nats-py retries a first connection forever with max_reconnect_attempts=-1; the
+            # bound is ours, later reconnects are nats-py's.
+            await asyncio.wait_for(nc.connect(
+                self._url,
+                name=self._name,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,  # type: ignore[arg-type]
+                connect_timeout=2,
+                error_cb=on_error,
+                disconnected_cb=on_disconnect,
+                reconnected_cb=on_reconnect,
+            ), timeout=self._first_connect_timeout_s)
+        except BaseException:
+            try:
+                await nc.close()
+            except Exception:
+                pass
+            raise
+        self._nc = nc
+        self._js = nc.jetstream()
         await self._ensure_stream()
+        for subject, handler in self._pending_broadcasts:
+            await self._core_subscribe(subject, handler)
+        self._pending_broadcasts.clear()
+
+    async def _connect_forever(self) -> None:
+        while True:
+            await asyncio.sleep(2.0)
+            try:
+                await self._connect_once()
+                log.info("NATS at %s is reachable; event bus connected", self._url)
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.debug("NATS still unreachable: %s", exc)
 
     async def _ensure_stream(self) -> None:
         if self._stream_ready:
@@ -108,6 +157,9 @@ class JetStreamBus:
         return self._js
 
     async def close(self) -> None:
+        if self._connector is not None:
+            self._connector.cancel()
+            self._connector = None
         for t in self._tasks:
             await t.stop()
         self._tasks.clear()
@@ -172,6 +224,9 @@ class JetStreamBus:
     ) -> None:
         sub: JetStreamContext.PullSubscription | None = None
         while True:
+            if self._js is None:  # not connected yet
+                await asyncio.sleep(0.5)
+                continue
             try:
                 if sub is None:
                     sub = await self._pull_subscription(durable, subject, opts)
@@ -219,7 +274,12 @@ class JetStreamBus:
 
     async def subscribe_broadcast(self, subject: str, handler: Handler) -> Subscription:
         if self._nc is None:
-            raise RuntimeError("the event bus is not started")
+            self._pending_broadcasts.append((subject, handler))
+            return _Pending(self, (subject, handler))
+        return await self._core_subscribe(subject, handler)
+
+    async def _core_subscribe(self, subject: str, handler: Handler) -> Subscription:
+        assert self._nc is not None
 
         async def on_msg(msg: object) -> None:
             try:

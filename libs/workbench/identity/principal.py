@@ -19,7 +19,7 @@ WORK_RESOURCES = (
     "projects", "data", "kb", "training", "inference", "workflow", "marketplace",
     "scheduler", "agent",
 )
-_READ = {f"{r}:read" for r in WORK_RESOURCES} | {"org:read", "members:read"}
+_READ = {f"{r}:read" for r in WORK_RESOURCES} | {"org:read", "members:read", "orgs:create"}
 _WRITE = {f"{r}:{a}" for r in WORK_RESOURCES for a in ("write", "delete")}
 _SELF = {"api_keys:read", "api_keys:write"}
 _ADMIN = {"org:write", "members:write", "quotas:write", "audit:read", "api_keys:manage",

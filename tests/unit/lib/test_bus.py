@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
+
 from workbench.db import Database, new_metadata
 from workbench.events.bus import ConsumerOptions, InProcessBus, subject_matches
 from workbench.events.envelope import EventEnvelope
@@ -162,7 +163,7 @@ from workbench.events.envelope import EventEnvelope
 
 async def main():
     d = pathlib.Path(tempfile.mkdtemp())
-    for i in range(150):
+    for i in range(300):
         bus = InProcessBus(d / f"e{i}.sqlite3")
         await bus.start()
         async def handler(ev):
