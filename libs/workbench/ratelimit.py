@@ -104,12 +104,12 @@ class RedisRateLimiter:
     before trying Redis again."""
 
     def __init__(self, url: str, *, prefix: str = "wb:rl", retry_s: float = 5.0,
-                 timeout_s: float = 0.25, max_connections: int = 256) -> None:
+                 timeout_s: float = 0.5, max_connections: int = 64) -> None:
         # A blocking pool: a burst waits briefly for a connection instead of failing, and a
         # full pool is never mistaken for Redis being down.
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s * 4,
-            socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+            socket_timeout=timeout_s, socket_connect_timeout=timeout_s * 2)
         self._redis = Redis(connection_pool=pool)
         self._script = self._redis.register_script(_LUA)
         self._prefix = prefix
