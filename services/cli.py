@@ -160,6 +160,7 @@ def cmd_up_dist(args: argparse.Namespace) -> None:
     if missing:
         sys.exit(f"set {' and '.join(missing)} (16+ characters each) for the distributed mode")
     wb = [sys.executable, "-m", "services.cli"]
+    asyncio.run(_ensure_pg_database(env["WB_DATABASE_URL"]))
     subprocess.run([*wb, "migrate"], env=env, check=True)
     procs = [subprocess.Popen([*wb, "serve", n, "--host", args.host], env=env)
              for n in SERVICES]
@@ -178,6 +179,29 @@ def cmd_up_dist(args: argparse.Namespace) -> None:
     for p in procs:
         code = p.wait() or code
     sys.exit(code)
+
+
+async def _ensure_pg_database(url: str) -> None:
+    """Create the database of a local PostgreSQL on first use (a convenience of `up-dist`)."""
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    u = make_url(url)
+    if not u.get_backend_name().startswith("postgresql") or not u.database:
+        return
+    admin = u.set(drivername="postgresql", database="postgres").render_as_string(
+        hide_password=False)
+    try:
+        conn = await asyncpg.connect(admin)
+    except Exception as exc:
+        sys.exit(f"cannot reach PostgreSQL at {u.host}:{u.port or 5432}: {exc}")
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", u.database)
+        if not exists:
+            await conn.execute(f'CREATE DATABASE "{u.database}"')
+            print(f"created database {u.database}")
+    finally:
+        await conn.close()
 
 
 def cmd_migrate(args: argparse.Namespace) -> None:
