@@ -12,6 +12,7 @@ ROUTE_TABLE: list[tuple[str, str]] = [
     ("/api/v1/projects", "user"),
     ("/api/v1/api-keys", "user"),
     ("/.well-known/jwks.json", "user"),
+    ("/api/v1/audit", "audit"),
 ]
 
 # Routes that need no credentials (rate-limited per client IP instead).

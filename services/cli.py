@@ -53,6 +53,8 @@ SERVICES: dict[str, ServiceSpec] = {
     spec.name: spec
     for spec in [
         ServiceSpec("user", "services.user.app", "services.user.settings:UserSettings", 8001),
+        ServiceSpec("audit", "services.audit.app", "services.audit.settings:AuditSettings",
+                    8008),
     ]
 }
 GATEWAY_PORT = 8000
@@ -80,11 +82,18 @@ class EmbeddedPlatform:
         # One process, one log stream: lines name their service themselves.
         setup_logging("workbench", core.log_level, core.log_json)
         self.bus = InProcessBus(core.data_dir / "bus" / "events.sqlite3")
-        self.apps: dict[str, FastAPI] = {
-            name: spec.load().create_app(spec.make_settings(), bus=self.bus)
-            for name, spec in SERVICES.items()
-        }
+        self.apps: dict[str, FastAPI] = {}
+        for name, spec in SERVICES.items():
+            kwargs: dict[str, Any] = {"bus": self.bus}
+            if name != "user":
+                kwargs["jwks"] = self._user_jwks
+            self.apps[name] = spec.load().create_app(spec.make_settings(), **kwargs)
         self.gateway = create_gateway(GatewaySettings(), apps=self.apps, bus=self.bus)
+
+    async def _user_jwks(self) -> dict[str, Any]:
+        """Services verify tokens against the user service's keys, in process."""
+        jwks: dict[str, Any] = await self.apps["user"].state.user_service.keyring.jwks()
+        return jwks
 
     @asynccontextmanager
     async def lifespan(self) -> AsyncIterator[None]:

@@ -11,7 +11,7 @@ from alembic.config import Config
 from sqlalchemy import MetaData, text
 from sqlalchemy.engine import Connection
 
-from workbench.db import Database
+from workbench.db import Database, UTCDateTime
 
 
 def _config(script_location: Path, service: str, connection: Connection | None,
@@ -50,6 +50,14 @@ async def autogenerate(db: Database, script_location: Path, service: str, messag
         await conn.run_sync(run)
 
 
+def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+    # Our column types are plain SQL types with Python-side conversion; migrations name the
+    # SQL type so they never import application code.
+    if type_ == "type" and isinstance(obj, UTCDateTime):
+        return "sa.DateTime(timezone=True)"
+    return False
+
+
 def run_env(target_metadata: MetaData) -> None:
     """The body of every service's migrations/env.py (online mode, connection given)."""
     from alembic import context as alembic_context
@@ -66,6 +74,7 @@ def run_env(target_metadata: MetaData) -> None:
         version_table_schema=schema,
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
+        render_item=_render_item,
     )
     with alembic_context.begin_transaction():
         alembic_context.run_migrations()

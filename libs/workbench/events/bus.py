@@ -18,6 +18,8 @@ log = logging.getLogger("workbench.bus")
 
 T = TypeVar("T")
 Handler = Callable[[EventEnvelope], Awaitable[None]]
+# Takes a batch in one go (one transaction for many events); all are acked after it returns.
+BatchHandler = Callable[[list[EventEnvelope]], Awaitable[None]]
 
 
 def subject_matches(pattern: str, subject: str) -> bool:
@@ -65,6 +67,16 @@ class EventBus(Protocol):
     ) -> Subscription:
         """A durable consumer: every event on `subject` reaches one handler of this durable
         name at least once, across restarts; acknowledged only after `handler` returns."""
+
+    async def subscribe_batch(
+        self,
+        durable: str,
+        subject: str,
+        handler: BatchHandler,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        """Like `subscribe`, with up to `options.batch` events per call. A batch that fails is
+        retried one event at a time, so one bad event cannot hold back the others."""
 
     async def subscribe_broadcast(self, subject: str, handler: Handler) -> Subscription:
         """Every live process gets every new event; nothing is replayed (cache invalidation)."""
@@ -192,13 +204,28 @@ class InProcessBus:
         handler: Handler,
         options: ConsumerOptions | None = None,
     ) -> Subscription:
+        return await self._start_consumer(durable, subject, handler, None, options)
+
+    async def subscribe_batch(
+        self,
+        durable: str,
+        subject: str,
+        handler: BatchHandler,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        return await self._start_consumer(durable, subject, None, handler, options)
+
+    async def _start_consumer(self, durable: str, subject: str, handler: Handler | None,
+                              batch_handler: BatchHandler | None,
+                              options: ConsumerOptions | None) -> Subscription:
         opts = options or ConsumerOptions()
         await self._run(
             lambda c: c.execute(
                 "INSERT OR IGNORE INTO consumers (durable, acked_seq) VALUES (?, 0)", (durable,)
             )
         )
-        task = _Task(asyncio.create_task(self._consume(durable, subject, handler, opts)))
+        task = _Task(asyncio.create_task(
+            self._consume(durable, subject, handler, batch_handler, opts)))
         self._tasks.append(task)
         return task
 
@@ -208,7 +235,8 @@ class InProcessBus:
         return _Broadcast(self, entry)
 
     async def _consume(
-        self, durable: str, subject: str, handler: Handler, opts: ConsumerOptions
+        self, durable: str, subject: str, handler: Handler | None,
+        batch_handler: BatchHandler | None, opts: ConsumerOptions,
     ) -> None:
         like = subject.replace("*", "%").replace(">", "%")
 
@@ -232,9 +260,18 @@ class InProcessBus:
                     except TimeoutError:
                         pass
                     continue
+            if batch_handler is not None:
+                events = [(seq, EventEnvelope.from_bytes(p)) for seq, subj, p in batch
+                          if subject_matches(subject, subj)]
+                if events:
+                    await self._deliver_batch(durable, events, batch_handler, opts)
+                await self._ack(durable, batch[-1][0])
+                continue
+            assert handler is not None
             for seq, subj, payload in batch:
                 if subject_matches(subject, subj):
-                    await self._deliver(durable, seq, payload, handler, opts)
+                    event = EventEnvelope.from_bytes(payload)
+                    await self._deliver(durable, seq, event, handler, opts)
                 await self._ack(durable, seq)
 
     async def _ack(self, durable: str, seq: int) -> None:
@@ -243,10 +280,27 @@ class InProcessBus:
 
         await self._run(ack)
 
+    async def _deliver_batch(self, durable: str, events: list[tuple[int, EventEnvelope]],
+                             handler: BatchHandler, opts: ConsumerOptions) -> None:
+        try:
+            await handler([e for _, e in events])
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("batch handler failed (%s); delivering one event at a time", exc,
+                        extra={"durable": durable})
+
+        async def one(event: EventEnvelope) -> None:
+            await handler([event])
+
+        for seq, event in events:
+            await self._deliver(durable, seq, event, one, opts)
+
     async def _deliver(
-        self, durable: str, seq: int, payload: bytes, handler: Handler, opts: ConsumerOptions
+        self, durable: str, seq: int, event: EventEnvelope, handler: Handler,
+        opts: ConsumerOptions,
     ) -> None:
-        event = EventEnvelope.from_bytes(payload)
         for attempt in range(1, opts.max_deliver + 1):
             try:
                 await handler(event)

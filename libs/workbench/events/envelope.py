@@ -30,6 +30,7 @@ class EventEnvelope(BaseModel):
     actor: str | None = None
     traceparent: str | None = None
     request_id: str | None = None
+    ip: str | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 
     @property

@@ -7,12 +7,19 @@ import asyncio
 import logging
 
 from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 
-from workbench.events.bus import ConsumerOptions, Handler, Subscription, backoff_for
+from workbench.events.bus import (
+    BatchHandler,
+    ConsumerOptions,
+    Handler,
+    Subscription,
+    backoff_for,
+)
 from workbench.events.envelope import EventEnvelope
 
 log = logging.getLogger("workbench.bus")
@@ -197,7 +204,23 @@ class JetStreamBus:
         options: ConsumerOptions | None = None,
     ) -> Subscription:
         opts = options or ConsumerOptions()
-        task = _Task(asyncio.create_task(self._consume(durable, subject, handler, opts)))
+        task = _Task(asyncio.create_task(self._consume(durable, subject, handler, None, opts)))
+        self._tasks.append(task)
+        return task
+
+    async def subscribe_batch(
+        self,
+        durable: str,
+        subject: str,
+        handler: BatchHandler,
+        options: ConsumerOptions | None = None,
+    ) -> Subscription:
+        opts = options or ConsumerOptions()
+
+        async def one(event: EventEnvelope) -> None:
+            await handler([event])
+
+        task = _Task(asyncio.create_task(self._consume(durable, subject, one, handler, opts)))
         self._tasks.append(task)
         return task
 
@@ -220,7 +243,8 @@ class JetStreamBus:
         )
 
     async def _consume(
-        self, durable: str, subject: str, handler: Handler, opts: ConsumerOptions
+        self, durable: str, subject: str, handler: Handler,
+        batch_handler: BatchHandler | None, opts: ConsumerOptions,
     ) -> None:
         sub: JetStreamContext.PullSubscription | None = None
         while True:
@@ -240,13 +264,29 @@ class JetStreamBus:
                 sub = None
                 await asyncio.sleep(0.5)
                 continue
+            decoded: list[tuple[Msg, EventEnvelope]] = []
             for msg in msgs:
                 try:
-                    event = EventEnvelope.from_bytes(msg.data)
+                    decoded.append((msg, EventEnvelope.from_bytes(msg.data)))
                 except Exception as exc:
                     log.error("consumer %s: undecodable message dropped: %s", durable, exc)
                     await msg.term()
+            if batch_handler is not None and decoded:
+                try:
+                    await batch_handler([e for _, e in decoded])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("consumer %s: batch failed (%s); one event at a time",
+                                durable, exc)
+                else:
+                    results = await asyncio.gather(*(m.ack() for m, _ in decoded),
+                                                   return_exceptions=True)
+                    for r in results:
+                        if isinstance(r, Exception):
+                            log.warning("ack failed: %s", r)
                     continue
+            for msg, event in decoded:
                 attempt = msg.metadata.num_delivered or 1
                 try:
                     await handler(event)

@@ -97,6 +97,7 @@ class Outbox:
             actor=actor,
             traceparent=ctx.traceparent if ctx else None,
             request_id=ctx.request_id if ctx else None,
+            ip=ctx.client_ip if ctx else None,
             data=data,
         )
         await session.execute(

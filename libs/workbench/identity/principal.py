@@ -22,7 +22,8 @@ WORK_RESOURCES = (
 _READ = {f"{r}:read" for r in WORK_RESOURCES} | {"org:read", "members:read", "orgs:create"}
 _WRITE = {f"{r}:{a}" for r in WORK_RESOURCES for a in ("write", "delete")}
 _SELF = {"api_keys:read", "api_keys:write"}
-_ADMIN = {"org:write", "members:write", "quotas:write", "audit:read", "api_keys:manage",
+_ADMIN = {"org:write", "members:write", "quotas:write", "audit:read", "audit:manage",
+          "api_keys:manage",
           "inference:execute", "workflow:execute", "agent:execute"}
 
 ROLE_PERMISSIONS: dict[Role, frozenset[str]] = {
