@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 
 from workbench.testing import (
     NatsServer,
+    SeaweedServer,
     ServerProcess,
     create_pg_database,
     drop_pg_database,
@@ -63,25 +64,26 @@ class Platform:
     env: dict[str, str]
     workdir: Path
     user_url: str | None = None
+    audit_url: str | None = None
     processes: list[ServerProcess] = field(default_factory=list)
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30.0,
                             event_hooks={"response": [no_secrets_in_response]}, **kw)
 
-    def db_rows(self, sql: str) -> list[tuple[Any, ...]]:
-        """Run a read query on the user service's database (for checks of what is stored)."""
+    def db_rows(self, sql: str, service: str = "user") -> list[tuple[Any, ...]]:
+        """Run a read query on a service's database (for checks of what is stored)."""
         if self.mode == "embedded":
-            with sqlite3.connect(self.workdir / "data" / "db" / "user.sqlite3") as conn:
+            with sqlite3.connect(self.workdir / "data" / "db" / f"{service}.sqlite3") as conn:
                 return list(conn.execute(sql).fetchall())
-        return asyncio.run(_pg_rows(self.env["WB_DATABASE_URL"], sql))
+        return asyncio.run(_pg_rows(self.env["WB_DATABASE_URL"], sql, service))
 
-    def db_execute(self, sql: str) -> None:
+    def db_execute(self, sql: str, service: str = "user") -> None:
         if self.mode == "embedded":
-            with sqlite3.connect(self.workdir / "data" / "db" / "user.sqlite3") as conn:
+            with sqlite3.connect(self.workdir / "data" / "db" / f"{service}.sqlite3") as conn:
                 conn.execute(sql)
             return
-        asyncio.run(_pg_execute(self.env["WB_DATABASE_URL"], sql))
+        asyncio.run(_pg_execute(self.env["WB_DATABASE_URL"], sql, service))
 
     def active_signing_key(self) -> tuple[str, Any]:
         rows = self.db_rows("SELECT kid, private_pem FROM signing_keys WHERE retired_at IS NULL")
@@ -93,20 +95,20 @@ def _pg_dsn(url: str) -> str:
     return url.replace("postgresql+asyncpg://", "postgresql://")
 
 
-async def _pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
+async def _pg_rows(url: str, sql: str, service: str) -> list[tuple[Any, ...]]:
     import asyncpg
 
-    conn = await asyncpg.connect(_pg_dsn(url), server_settings={"search_path": "wb_user"})
+    conn = await asyncpg.connect(_pg_dsn(url), server_settings={"search_path": f"wb_{service}"})
     try:
         return [tuple(r) for r in await conn.fetch(sql)]
     finally:
         await conn.close()
 
 
-async def _pg_execute(url: str, sql: str) -> None:
+async def _pg_execute(url: str, sql: str, service: str) -> None:
     import asyncpg
 
-    conn = await asyncpg.connect(_pg_dsn(url), server_settings={"search_path": "wb_user"})
+    conn = await asyncpg.connect(_pg_dsn(url), server_settings={"search_path": f"wb_{service}"})
     try:
         await conn.execute(sql)
     finally:
@@ -131,13 +133,16 @@ def _start_embedded(workdir: Path) -> Platform:
     return Platform("embedded", url, env, workdir, processes=[proc])
 
 
-def _start_distributed(workdir: Path, nats_url: str, db_url: str) -> Platform:
-    user_port, gw_port = free_port(), free_port()
+def _start_distributed(workdir: Path, nats_url: str, db_url: str,
+                       s3: SeaweedServer) -> Platform:
+    user_port, audit_port, gw_port = free_port(), free_port(), free_port()
     env = base_env(
         WB_MODE="distributed", WB_DATA_DIR=str(workdir / "data"), WB_DATABASE_URL=db_url,
         WB_NATS_URL=nats_url, WB_REDIS_URL="redis://127.0.0.1:6379/0",
-        WB_UPSTREAMS=f'{{"user": "http://127.0.0.1:{user_port}"}}',
+        WB_UPSTREAMS=(f'{{"user": "http://127.0.0.1:{user_port}", '
+                      f'"audit": "http://127.0.0.1:{audit_port}"}}'),
         WB_JWKS_URL=f"http://127.0.0.1:{user_port}/.well-known/jwks.json",
+        **s3.env(bucket=f"wb-{workdir.name[-8:].lower().replace('_', '-')}"),
     )
     import subprocess
 
@@ -145,16 +150,27 @@ def _start_distributed(workdir: Path, nats_url: str, db_url: str) -> Platform:
     user = ServerProcess([*WB, "serve", "user", "--port", str(user_port)], env=env,
                          log=workdir / "user.log").start()
     wait_http(f"http://127.0.0.1:{user_port}/readyz", proc=user.proc, log=user.log)
+    audit = ServerProcess([*WB, "serve", "audit", "--port", str(audit_port)], env=env,
+                          log=workdir / "audit.log").start()
+    wait_http(f"http://127.0.0.1:{audit_port}/readyz", proc=audit.proc, log=audit.log)
     gw = ServerProcess([*WB, "serve", "gateway", "--port", str(gw_port)], env=env,
                        log=workdir / "gateway.log").start()
     wait_http(f"http://127.0.0.1:{gw_port}/readyz", proc=gw.proc, log=gw.log)
     return Platform("distributed", f"http://127.0.0.1:{gw_port}", env, workdir,
-                    user_url=f"http://127.0.0.1:{user_port}", processes=[user, gw])
+                    user_url=f"http://127.0.0.1:{user_port}",
+                    audit_url=f"http://127.0.0.1:{audit_port}", processes=[user, audit, gw])
 
 
 @pytest.fixture(scope="session")
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     server = NatsServer(tmp_path_factory.mktemp("nats")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SeaweedServer]:
+    server = SeaweedServer(tmp_path_factory.mktemp("seaweedfs")).start()
     yield server
     server.stop()
 
@@ -176,8 +192,9 @@ def embedded_platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Plat
 
 @pytest.fixture(scope="session")
 def distributed_platform(tmp_path_factory: pytest.TempPathFactory, nats_server: NatsServer,
-                         pg_database: str) -> Iterator[Platform]:
-    p = _start_distributed(tmp_path_factory.mktemp("distributed"), nats_server.url, pg_database)
+                         pg_database: str, s3_server: SeaweedServer) -> Iterator[Platform]:
+    p = _start_distributed(tmp_path_factory.mktemp("distributed"), nats_server.url, pg_database,
+                           s3_server)
     yield p
     for proc in reversed(p.processes):
         proc.stop()

@@ -4,7 +4,7 @@ to its SQLite file or its PostgreSQL schema."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from alembic import command
 from alembic.config import Config
@@ -50,7 +50,7 @@ async def autogenerate(db: Database, script_location: Path, service: str, messag
         await conn.run_sync(run)
 
 
-def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | bool:
+def _render_item(type_: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
     # Our column types are plain SQL types with Python-side conversion; migrations name the
     # SQL type so they never import application code.
     if type_ == "type" and isinstance(obj, UTCDateTime):
