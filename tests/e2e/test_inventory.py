@@ -1,7 +1,7 @@
 """Every route of every app, enumerated from the routers themselves (not from OpenAPI), answers
 401 problem+json to a caller without credentials — through the gateway in both run modes, and
-directly at the user service — unless it is in the explicit public list below. Routes the
-gateway does not route (`/internal/...`) are not reachable through it at all.
+directly at each service in distributed mode — unless it is in the explicit public list below.
+Routes the gateway does not route (`/internal/...`) are not reachable through it at all.
 
 A route added anywhere is enumerated automatically: it must be either public (and listed here)
 or refuse anonymous callers."""
@@ -189,22 +189,27 @@ def test_routes_the_gateway_does_not_route_are_404_through_it(
     assert offenders == [], "\n".join(offenders)
 
 
-def test_every_non_public_route_is_401_problem_at_the_user_service_directly(
+def test_every_non_public_route_is_401_problem_at_each_service_directly(
     distributed_platform: Any, inventory: dict[str, list[tuple[str, str]]],
 ) -> None:
+    """Each service the distributed platform exposes (`<name>_url`), bypassing the gateway."""
+    urls = {name: getattr(distributed_platform, f"{name}_url", None) for name in SERVICES}
+    urls = {name: url for name, url in urls.items() if url}
+    assert "user" in urls
     offenders: list[str] = []
-    with distributed_platform.client() as direct:
-        direct.base_url = httpx.URL(distributed_platform.user_url)
-        for method, template in inventory["user"]:
-            r = direct.request(method, concrete(template))
-            assert str(r.request.url).startswith(distributed_platform.user_url)
-            if (method, template) in PUBLIC:
-                if r.status_code in (401, 403) or r.status_code >= 500:
-                    offenders.append("public but refused/failed: "
-                                     + describe("user", method, template, r))
-            elif not is_problem(r, 401):
-                offenders.append("expected 401 problem: "
-                                 + describe("user", method, template, r))
+    for name, url in urls.items():
+        with distributed_platform.client() as direct:
+            direct.base_url = httpx.URL(url)
+            for method, template in inventory[name]:
+                r = direct.request(method, concrete(template))
+                assert str(r.request.url).startswith(url)
+                if (method, template) in PUBLIC:
+                    if r.status_code in (401, 403) or r.status_code >= 500:
+                        offenders.append("public but refused/failed: "
+                                         + describe(name, method, template, r))
+                elif not is_problem(r, 401):
+                    offenders.append("expected 401 problem: "
+                                     + describe(name, method, template, r))
     assert offenders == [], "\n".join(offenders)
 
 
