@@ -20,6 +20,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.access import Access, AccessRecorder
 from gateway.auth import Authenticator
 from gateway.openapi import merge_specs
 from gateway.proxy import AsgiUpstream, HttpUpstream, Upstream
@@ -67,9 +68,11 @@ class Gateway:
 
     def __init__(self, settings: GatewaySettings, upstreams: Mapping[str, Upstream],
                  authenticator: Authenticator, limiter: RateLimiter | None,
-                 fallback: ASGIApp, routes: RouteTable = DEFAULT_ROUTES) -> None:
+                 fallback: ASGIApp, routes: RouteTable = DEFAULT_ROUTES,
+                 recorder: AccessRecorder | None = None) -> None:
         self.settings = settings
         self.routes = routes
+        self.recorder = recorder
         self.upstreams = upstreams
         self.auth = authenticator
         self.limiter = limiter
@@ -98,6 +101,38 @@ class Gateway:
         if service is None:
             await self.fallback(scope, receive, send)
             return
+        if self.recorder is None:
+            await self._route(scope, receive, send, service, path)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_recorded(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self._route(scope, receive, send_recorded, service, path)
+        finally:
+            principal = scope.get("state", {}).get("principal")
+            ctx = context.current()
+            headers = dict(scope["headers"])
+            self.recorder.record(Access(
+                method=scope["method"], path=path,
+                route=getattr(scope.get("route"), "path", "unmatched"), service=service,
+                status=status, duration_ms=(time.perf_counter() - started) * 1000,
+                client_ip=self.client_ip(scope),
+                user_agent=headers.get(b"user-agent", b"").decode("latin-1")[:300],
+                actor=principal.actor if principal is not None else "anonymous",
+                org_id=str(principal.org_id) if principal is not None else None,
+                request_id=ctx.request_id if ctx else None,
+                traceparent=ctx.traceparent if ctx else None,
+            ))
+
+    async def _route(self, scope: Scope, receive: Receive, send: Send, service: str,
+                     path: str) -> None:
         upstream = self.upstreams.get(service)
         # Metrics and access logs of the gateway are labelled by route-table entry.
         scope["route"] = self.routes.label_for(service, path)
@@ -285,9 +320,14 @@ def create_gateway(
             except Exception as exc:  # revocations then rely on the cache TTL
                 log.warning("gateway: NATS unavailable (%s); API key cache relies on TTL", exc)
                 event_bus = None
+        recorder: AccessRecorder | None = None
         if event_bus is not None:
             subscription = await event_bus.subscribe_broadcast("wb.user.>",
                                                                authenticator.on_event)
+            if settings.access_records:
+                recorder = AccessRecorder(event_bus)
+                recorder.start()
+        core.recorder = recorder
         core.auth = authenticator
         core.upstreams = upstreams
         core.limiter = limiter
@@ -296,6 +336,8 @@ def create_gateway(
         try:
             yield
         finally:
+            if recorder is not None:
+                await recorder.stop()
             if subscription is not None:
                 await subscription.stop()
             if own_bus and event_bus is not None:
@@ -359,6 +401,7 @@ class _GatewayCore:
         self.auth: Authenticator | None = None
         self.upstreams: dict[str, Upstream] = {}
         self.limiter: RateLimiter | None = None
+        self.recorder: AccessRecorder | None = None
         self._gateway: Gateway | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -368,7 +411,7 @@ class _GatewayCore:
                 await self.ops(scope, receive, send)
                 return
             self._gateway = Gateway(self.settings, self.upstreams, self.auth, self.limiter,
-                                    self.ops, self.routes)
+                                    self.ops, self.routes, self.recorder)
         await self._gateway(scope, receive, send)
 
 

@@ -17,3 +17,5 @@ class GatewaySettings(CoreSettings, AuthSettings, RedisSettings, BusSettings):
     api_key_cache_ttl_s: float = Field(default=60.0, ge=0)
     upstream_connect_timeout_s: float = Field(default=3.0, gt=0)
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
+    # Publish an access record (wb.gateway.access.recorded) per request, for the audit log.
+    access_records: bool = True
