@@ -196,10 +196,19 @@ def cmd_up_dist(args: argparse.Namespace) -> None:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     code = 0
-    for p in procs:
-        code = p.wait() or code
-    for h in helpers:
-        h.stop()
+    try:
+        while all(p.poll() is None for p in procs):
+            time.sleep(0.5)
+        stop()  # one process ended: take the others down too
+        for p in procs:
+            try:
+                code = p.wait(timeout=20) or code
+            except subprocess.TimeoutExpired:
+                p.kill()
+                code = p.wait() or code
+    finally:
+        for h in helpers:
+            h.stop()
     sys.exit(code)
 
 

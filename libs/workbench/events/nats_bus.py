@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Coroutine
+from typing import Any
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -26,15 +28,25 @@ log = logging.getLogger("workbench.bus")
 
 
 class _Task:
-    def __init__(self, task: asyncio.Task[None]) -> None:
-        self._task = task
+    """A consumer loop. nats-py's fetch can swallow a cancellation, so the loop also checks
+    `stopping`, and stop() waits a bounded time."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def run(self, coro: Coroutine[Any, Any, None]) -> _Task:
+        self._task = asyncio.create_task(coro)
+        return self
 
     async def stop(self) -> None:
+        self.stopping = True
+        if self._task is None:
+            return
         self._task.cancel()
-        try:
-            await self._task
-        except (asyncio.CancelledError, Exception):
-            pass
+        done, _ = await asyncio.wait({self._task}, timeout=5.0)
+        if not done:
+            log.warning("a consumer did not stop within 5 s; leaving it behind")
 
 
 class _CoreSub:
@@ -171,10 +183,13 @@ class JetStreamBus:
             await t.stop()
         self._tasks.clear()
         if self._nc is not None:
+            # Not drain(): it waits for pull subscriptions' queues, which a stopped consumer
+            # never empties. Anything unacked is redelivered (consumers are idempotent).
             try:
-                await self._nc.drain()
+                await asyncio.wait_for(self._nc.flush(), timeout=2)
             except Exception:
-                await self._nc.close()
+                pass
+            await self._nc.close()
             self._nc = None
 
     async def ping(self) -> None:
@@ -204,7 +219,8 @@ class JetStreamBus:
         options: ConsumerOptions | None = None,
     ) -> Subscription:
         opts = options or ConsumerOptions()
-        task = _Task(asyncio.create_task(self._consume(durable, subject, handler, None, opts)))
+        task = _Task()
+        task.run(self._consume(durable, subject, handler, None, opts, task))
         self._tasks.append(task)
         return task
 
@@ -220,7 +236,8 @@ class JetStreamBus:
         async def one(event: EventEnvelope) -> None:
             await handler([event])
 
-        task = _Task(asyncio.create_task(self._consume(durable, subject, one, handler, opts)))
+        task = _Task()
+        task.run(self._consume(durable, subject, one, handler, opts, task))
         self._tasks.append(task)
         return task
 
@@ -244,10 +261,10 @@ class JetStreamBus:
 
     async def _consume(
         self, durable: str, subject: str, handler: Handler,
-        batch_handler: BatchHandler | None, opts: ConsumerOptions,
+        batch_handler: BatchHandler | None, opts: ConsumerOptions, control: _Task,
     ) -> None:
         sub: JetStreamContext.PullSubscription | None = None
-        while True:
+        while not control.stopping:
             if self._js is None:  # not connected yet
                 await asyncio.sleep(0.5)
                 continue
