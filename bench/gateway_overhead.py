@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -74,6 +75,8 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
+    # A SIGTERM (e.g. from `timeout`) unwinds through `finally`, so no server is left behind.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     db_name, db_url = asyncio.run(create_pg_database("wb_bench"))
     work = Path(tempfile.mkdtemp(prefix="wb-bench-"))
