@@ -13,7 +13,6 @@ from services.audit import schemas as sch
 from services.audit.service import AuditService, Filters, record_view
 from workbench.db import utcnow
 from workbench.deps import SessionDep
-from workbench.errors import Conflict
 from workbench.identity.deps import require
 from workbench.identity.principal import Principal
 from workbench.problems import PROBLEM_RESPONSES
@@ -112,13 +111,8 @@ async def put_retention(body: sch.RetentionPolicyWrite, p: Manager, s: SessionDe
 
 @router.post("/retention/run", response_model=sch.ArchiveRead | None,
              summary="Apply the retention policy now; returns the archive written, if any")
-async def run_retention(p: Manager, s: SessionDep, request: Request) -> Any:
-    service = svc(request)
-    policy = await service.get_retention(s, p)
-    if policy is None:
-        raise Conflict("no retention policy is set; PUT /api/v1/audit/retention first",
-                       code="no_retention_policy")
-    return await service.apply_retention(p.org_id, policy.days, actor=p.actor)
+async def run_retention(p: Manager, request: Request) -> Any:
+    return await svc(request).apply_policy(p.org_id, actor=p.actor)
 
 
 @router.get("/archives", response_model=list[sch.ArchiveRead],

@@ -26,7 +26,7 @@ from services.audit.models import (
 )
 from services.audit.records import canonical, chain_of, record_from_event, record_hash
 from workbench.db import Database, utcnow
-from workbench.errors import BadRequest, NotFound
+from workbench.errors import BadRequest, Conflict, NotFound
 from workbench.events.envelope import EventEnvelope
 from workbench.identity.principal import Principal
 from workbench.storage import ObjectStore
@@ -184,8 +184,11 @@ class AuditService:
         prev, expected, checked = head.anchor_hash, head.anchor_seq + 1, 0
         while True:
             rows = list((await s.execute(
+                # Bounded by the head read above: records appended meanwhile are for the
+                # next verify, not a "missing tail" of this one.
                 select(AuditRecord).where(AuditRecord.chain == chain,
-                                          AuditRecord.seq >= expected)
+                                          AuditRecord.seq >= expected,
+                                          AuditRecord.seq <= head.last_seq)
                 .order_by(AuditRecord.seq).limit(EXPORT_BATCH))).scalars())
             if not rows:
                 break
@@ -251,6 +254,17 @@ class AuditService:
     async def get_retention(self, s: AsyncSession, p: Principal) -> RetentionPolicy | None:
         return await s.get(RetentionPolicy, p.org_id)
 
+    async def apply_policy(self, org_id: uuid.UUID, *, actor: str) -> Archive | None:
+        """Apply the org's retention policy now (its own transactions: on SQLite a request
+        transaction would hold the write lock the archiving needs)."""
+        async with self.db.transaction() as s:
+            policy = await s.get(RetentionPolicy, org_id)
+            days = policy.days if policy is not None else None
+        if days is None:
+            raise Conflict("no retention policy is set; PUT /api/v1/audit/retention first",
+                           code="no_retention_policy")
+        return await self.apply_retention(org_id, days, actor=actor)
+
     async def apply_retention(self, org_id: uuid.UUID, days: int, *, actor: str = "system",
                               now: datetime | None = None) -> Archive | None:
         """Archive the chain's records recorded before the cutoff (a prefix of the chain) as
@@ -305,12 +319,17 @@ class AuditService:
 
 def record_view(r: AuditRecord) -> dict[str, Any]:
     return {"id": str(r.id), "org_id": str(r.org_id) if r.org_id else None, "seq": r.seq,
-            "occurred_at": r.occurred_at.isoformat(), "recorded_at": r.recorded_at.isoformat(),
+            "occurred_at": _utc(r.occurred_at), "recorded_at": _utc(r.recorded_at),
             "action": r.action, "actor": r.actor, "resource_type": r.resource_type,
             "resource_id": r.resource_id, "event_type": r.event_type, "event_id": r.event_id,
             "status": r.status, "ip": r.ip, "request_id": r.request_id,
             "trace_id": r.trace_id, "details": r.details, "prev_hash": r.prev_hash,
             "hash": r.hash}
+
+
+def _utc(dt: datetime) -> str:
+    """RFC 3339 with `Z`, as the JSON API writes it."""
+    return dt.isoformat().replace("+00:00", "Z")
 
 
 def _csv_value(v: Any) -> str:
