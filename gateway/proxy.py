@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from typing import Protocol
 
 import aiohttp
+from multidict import CIMultiDict
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from workbench.errors import ServiceUnavailable
@@ -60,19 +61,24 @@ class HttpUpstream:
                 timeout=self._timeout,
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+                # One session serves every client: it must never keep cookies of its own (a
+                # Set-Cookie meant for one client would go out with the next one's requests).
+                # Clients' own Cookie headers pass through as sent.
+                cookie_jar=aiohttp.DummyCookieJar(),
             )
         return self._session
 
     async def forward(self, scope: Scope, receive: Receive, send: Send,
                       headers: list[tuple[bytes, bytes]]) -> None:
-        out_headers: list[tuple[str, str]] = []
+        # Built as the multidict aiohttp keeps headers in, so it takes them as they are.
+        out_headers: CIMultiDict[str] = CIMultiDict()
         length: int | None = None
         for k, v in headers:
             if k in HOP_BY_HOP:
                 continue
             if k == b"content-length":
                 length = int(v) if v.isdigit() else None
-            out_headers.append((k.decode("latin-1"), v.decode("latin-1")))
+            out_headers.add(k.decode("latin-1"), v.decode("latin-1"))
         data: bytes | AsyncIterator[bytes] | None
         if length is not None and length <= SMALL_BODY:
             data = await _read_all(receive) if length else None
@@ -80,8 +86,8 @@ class HttpUpstream:
             data = None
         else:
             data = _stream(receive)
-            out_headers = [(k, v) for k, v in out_headers if k != "content-length"] \
-                if length is None else out_headers
+            if length is None:
+                out_headers.popall("content-length", None)
         qs = scope.get("query_string", b"")
         url = self.base_url + scope.get("raw_path", scope["path"].encode()).decode("latin-1")
         if qs:

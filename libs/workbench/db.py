@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import DateTime, MetaData, TypeDecorator, Uuid, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
@@ -101,7 +102,9 @@ class Database:
     def __init__(self, url: str, *, schema: str | None, echo: bool = False, pool_size: int = 10):
         self.url = url
         self.schema = schema
-        kwargs: dict[str, Any] = {"echo": echo}
+        # orjson for JSON columns: several times faster than json, same JSON out.
+        kwargs: dict[str, Any] = {"echo": echo, "json_serializer": _json_dumps,
+                                  "json_deserializer": orjson.loads}
         backend = make_url(url).get_backend_name()
         self.is_sqlite = backend == "sqlite"
         if self.is_sqlite:
@@ -158,6 +161,10 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _json_dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
 
 
 def _sqlite_begin_immediate(conn: Any) -> None:

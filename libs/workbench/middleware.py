@@ -9,14 +9,15 @@ import time
 import uuid
 from typing import Any
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from workbench import context
 from workbench.errors import PayloadTooLarge
-from workbench.observability import HTTP_LATENCY, HTTP_REQUESTS, traceparent_of_current_span
+from workbench.observability import HTTP_LATENCY, HTTP_REQUESTS, traceparent_of
 from workbench.problems import PROBLEM_CONTENT_TYPE, problem_bytes
 
 REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -27,6 +28,13 @@ tracer = trace.get_tracer("workbench")
 def client_ip(scope: Scope) -> str | None:
     client = scope.get("client")
     return client[0] if client else None
+
+
+def _record_error(span: Span, exc: Exception) -> None:
+    """As `trace.use_span` does for an exception leaving the span's scope."""
+    if span.is_recording():
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
 
 
 class RequestMiddleware:
@@ -44,6 +52,7 @@ class RequestMiddleware:
         self.max_body = max_body_bytes
         self.overrides = sorted((body_limit_overrides or {}).items(), key=lambda kv: -len(kv[0]))
         self.log_access = log_access
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def _limit_for(self, path: str) -> int:
         for prefix, limit in self.overrides:
@@ -69,14 +78,17 @@ class RequestMiddleware:
         exceeded = [False]
         started = [False]
 
-        span_ctx = extract(headers)
-        with tracer.start_as_current_span(
-            f"{method} {path}", context=span_ctx, kind=SpanKind.SERVER
-        ) as span:
+        # What `tracer.start_as_current_span` does, without its two generator-based context
+        # managers per request: the span is current while the request runs (logs carry its
+        # ids), an escaping exception is recorded on it, and it ends last.
+        span = tracer.start_span(f"{method} {path}", context=extract(headers),
+                                 kind=SpanKind.SERVER)
+        otel_token = otel_context.attach(trace.set_span_in_context(span))
+        try:
             token = context.bind(
                 context.RequestContext(
                     request_id=rid,
-                    traceparent=traceparent_of_current_span(),
+                    traceparent=traceparent_of(span),
                     authorization=headers.get("authorization"),
                     client_ip=client_ip(scope),
                 )
@@ -147,8 +159,9 @@ class RequestMiddleware:
                 route_path = getattr(route, "path", None) or "unmatched"
                 status = status_holder[0]
                 span.set_attribute("http.status_code", status)
-                HTTP_REQUESTS.labels(self.service, method, route_path, str(status)).inc()
-                HTTP_LATENCY.labels(self.service, method, route_path).observe(elapsed)
+                counter, latency = self._metrics(method, route_path, status)
+                counter.inc()
+                latency.observe(elapsed)
                 if self.log_access:
                     principal: Any = scope.get("state", {}).get("principal")
                     access_log.info(
@@ -168,6 +181,23 @@ class RequestMiddleware:
                             "request_id": rid,
                         },
                     )
+        except Exception as exc:
+            _record_error(span, exc)
+            raise
+        finally:
+            otel_context.detach(otel_token)
+            span.end()
+
+    def _metrics(self, method: str, route: str, status: int) -> tuple[Any, Any]:
+        """The labelled children of the request metrics, looked up once per label set (the
+        set is what Prometheus keeps anyway)."""
+        key = (method, route, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (HTTP_REQUESTS.labels(self.service, method, route, str(status)),
+                        HTTP_LATENCY.labels(self.service, method, route))
+            self._children[key] = children
+        return children
 
     @staticmethod
     async def _too_large(send: Send, rid: str, limit: int) -> None:

@@ -97,7 +97,11 @@ def setup_tracing(service: str, export: str = "none") -> None:
 
 
 def traceparent_of_current_span() -> str | None:
-    ctx = trace.get_current_span().get_span_context()
+    return traceparent_of(trace.get_current_span())
+
+
+def traceparent_of(span: trace.Span) -> str | None:
+    ctx = span.get_span_context()
     if not ctx.is_valid:
         return None
     return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{int(ctx.trace_flags):02x}"

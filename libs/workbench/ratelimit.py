@@ -4,6 +4,8 @@ limit — while Redis is unreachable."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import logging
 import math
 import re
@@ -11,8 +13,10 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from redis.asyncio import BlockingConnectionPool, Redis
-from redis.exceptions import RedisError
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError, RedisError
 
 log = logging.getLogger("workbench.ratelimit")
 
@@ -21,6 +25,7 @@ local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 """
+_LUA_SHA = hashlib.sha1(_LUA.encode(), usedforsecurity=False).hexdigest()  # Redis names scripts so
 
 
 @dataclass(frozen=True)
@@ -101,17 +106,28 @@ class MemoryRateLimiter:
 
 class RedisRateLimiter:
     """Shared budget in Redis; on a Redis error it falls back to `fallback` for `retry_s`
-    before trying Redis again."""
+    before trying Redis again.
+
+    The per-request call is one EVALSHA on a connection of the limiter's own: measured, the
+    client's generic path (pool checkout with a liveness probe, retry wrapper, a task per write
+    for the socket timeout) cost twice the round trip itself. Up to `max_connections` are open
+    at once; a burst beyond that waits (up to 4 x `timeout_s`) for one instead of failing, so a
+    full pool is never mistaken for Redis being down."""
 
     def __init__(self, url: str, *, prefix: str = "wb:rl", retry_s: float = 5.0,
                  timeout_s: float = 0.5, max_connections: int = 64) -> None:
-        # A blocking pool: a burst waits briefly for a connection instead of failing, and a
-        # full pool is never mistaken for Redis being down.
+        # The client proper serves readiness pings.
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s * 4,
             socket_timeout=timeout_s, socket_connect_timeout=timeout_s * 2)
         self._redis = Redis(connection_pool=pool)
-        self._script = self._redis.register_script(_LUA)
+        # Connections for the counter: the URL's address, database and credentials.
+        self._factory = ConnectionPool.from_url(url, socket_timeout=timeout_s,
+                                                socket_connect_timeout=timeout_s * 2)
+        self._idle: list[AbstractConnection] = []
+        self._closed = False
+        self._slots = asyncio.Semaphore(max_connections)
+        self._timeout_s = timeout_s
         self._prefix = prefix
         self._fallback = MemoryRateLimiter()
         self._retry_s = retry_s
@@ -124,7 +140,7 @@ class RedisRateLimiter:
             window = int(now // rate.window_s)
             rkey = f"{self._prefix}:{key}:{rate.window_s}:{window}"
             try:
-                count = int(await self._script(keys=[rkey], args=[rate.window_s * 1000 + 1000]))
+                count = await self._incr(rkey, rate.window_s * 1000 + 1000)
                 if self.degraded:
                     log.info("rate limiter: Redis is back; shared limits restored")
                     self.degraded = False
@@ -132,12 +148,78 @@ class RedisRateLimiter:
             except (RedisError, OSError) as exc:
                 self._down_until = now + self._retry_s
                 if not self.degraded:
-                    log.warning("rate limiter: Redis unreachable (%s); using local limits", exc)
+                    log.warning("rate limiter: Redis unreachable (%s); using local limits",
+                            exc if str(exc) else f"{type(exc).__name__}: no answer in time")
                 self.degraded = True
         return await self._fallback.acquire(key, rate)
+
+    async def _incr(self, rkey: str, ttl_ms: int) -> int:
+        if self._slots.locked():
+            try:
+                async with asyncio.timeout(self._timeout_s * 4):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise RedisConnectionError("No connection available.") from None
+        else:
+            await self._slots.acquire()  # free: returns at once
+        try:
+            # A connection that sat idle may have been closed by the server meanwhile (a
+            # restart, an idle timeout): the command then never ran, and goes once more on a
+            # fresh connection; the other idle ones are likely as stale.
+            reused = bool(self._idle)
+            try:
+                return await self._call(rkey, ttl_ms)
+            except RedisConnectionError:
+                if not reused:
+                    raise
+            stale, self._idle = self._idle, []
+            for conn in stale:
+                await conn.disconnect(nowait=True)
+            return await self._call(rkey, ttl_ms)
+        finally:
+            self._slots.release()
+
+    async def _call(self, rkey: str, ttl_ms: int) -> int:
+        conn = self._idle.pop() if self._idle else self._new_connection()
+        try:
+            if not conn.is_connected:
+                # Connect and handshake under the socket timeouts, as the client does; the
+                # command below is limited as a whole instead (a timeout on each socket write
+                # costs a task per write).
+                conn.socket_timeout = self._timeout_s
+                await conn.connect_check_health(check_health=False)
+                conn.socket_timeout = None
+            async with asyncio.timeout(self._timeout_s):
+                try:
+                    await conn.send_packed_command(
+                        conn.pack_command("EVALSHA", _LUA_SHA, 1, rkey, ttl_ms),
+                        check_health=False)
+                    reply = await conn.read_response()
+                except NoScriptError:  # a fresh or flushed Redis: load it, once
+                    await conn.send_packed_command(
+                        conn.pack_command("EVAL", _LUA, 1, rkey, ttl_ms), check_health=False)
+                    reply = await conn.read_response()
+        except BaseException:
+            # Failed, timed out or cancelled half-way: whatever it still has to say would be
+            # read as the answer to the next command.
+            await conn.disconnect(nowait=True)
+            raise
+        if self._closed:
+            await conn.disconnect(nowait=True)
+        else:
+            self._idle.append(conn)
+        return int(reply)
+
+    def _new_connection(self) -> AbstractConnection:
+        return self._factory.connection_class(**self._factory.connection_kwargs)
 
     async def ping(self) -> None:
         await self._redis.ping()
 
     async def close(self) -> None:
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.disconnect(nowait=True)
+        await self._factory.aclose()
         await self._redis.aclose()

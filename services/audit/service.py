@@ -12,7 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import String, cast, delete, func, or_, select
+from sqlalchemy import String, cast, delete, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -24,7 +24,7 @@ from services.audit.models import (
     ChainHead,
     RetentionPolicy,
 )
-from services.audit.records import canonical, chain_of, record_from_event, record_hash
+from services.audit.records import canonical, chain_of, record_hash, record_values
 from workbench.db import Database, utcnow
 from workbench.errors import BadRequest, Conflict, NotFound
 from workbench.events.envelope import EventEnvelope
@@ -97,19 +97,20 @@ class AuditService:
         for e in unique.values():
             if e.id not in seen:
                 by_chain.setdefault(chain_of(e.org_id), []).append(e)
-        written = 0
+        rows: list[dict[str, Any]] = []
         for chain in sorted(by_chain):  # a fixed lock order: no deadlocks between replicas
             head = await self._lock_head(s, chain)
             seq, prev = head.last_seq, head.last_hash
             for e in by_chain[chain]:
                 seq += 1
-                record = record_from_event(e, chain=chain, seq=seq, prev_hash=prev)
-                s.add(record)
-                prev = record.hash
-                written += 1
+                values = record_values(e, chain=chain, seq=seq, prev_hash=prev)
+                rows.append(values)
+                prev = values["hash"]
             head.last_seq, head.last_hash = seq, prev
+        if rows:
+            await s.execute(insert(AuditRecord), rows)
         await s.flush()
-        return written
+        return len(rows)
 
     async def _lock_head(self, s: AsyncSession, chain: str) -> ChainHead:
         ins: Any = sqlite.insert(ChainHead) if self.db.is_sqlite else postgresql.insert(ChainHead)

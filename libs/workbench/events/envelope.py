@@ -42,4 +42,4 @@ class EventEnvelope(BaseModel):
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> EventEnvelope:
-        return cls.model_validate(orjson.loads(raw))
+        return cls.model_validate_json(raw)
