@@ -20,7 +20,7 @@ wakes once a minute; the whole run is shorter). Without it (`--no-analyze`) a ge
 PostgreSQL cached for the ingest's dedupe query (`event_id IN (<500 parameters>)`, a prepared
 statement of asyncpg) while the table was nearly empty stays in use: a sequential scan, slower
 with every batch (measured: ~3 ms per batch at 20k rows, ~140 ms at 40k, ~260 ms at 60k), and
-the audit rate falls round after round (5,200 -> 2,100 -> 1,400 -> 900 events/s).
+the audit rate falls round after round (measured: 5,200 -> 1,700 -> 1,400 -> 900 events/s).
 
 Starts its own NATS (JetStream) and SeaweedFS (the audit service requires S3 in distributed
 mode; ingestion does not use it), creates a fresh PostgreSQL database on 127.0.0.1:5432 (user
@@ -208,9 +208,24 @@ class Audit:
 async def main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     workdir = Path(tempfile.mkdtemp(prefix="wb-bench-events-"))
-    nats_server = NatsServer(workdir / "nats").start()
-    s3 = SeaweedServer(workdir / "s3").start()
-    db_name, db_url = await create_pg_database("wb_bench_events")
+    nats_server = NatsServer(workdir / "nats")
+    s3 = SeaweedServer(workdir / "s3")
+    try:
+        nats_server.start()
+        s3.start()
+        db_name, db_url = await create_pg_database("wb_bench_events")
+        try:
+            await measure(args, workdir, nats_server, s3, db_url)
+        finally:
+            await drop_pg_database(db_name)
+    finally:
+        s3.stop()
+        nats_server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def measure(args: argparse.Namespace, workdir: Path, nats_server: NatsServer,
+                  s3: SeaweedServer, db_url: str) -> None:
     raw: Raw | None = None
     audit: Audit | None = None
     try:
@@ -271,10 +286,6 @@ async def main(args: argparse.Namespace) -> None:
             await audit.close()
         if raw is not None:
             await raw.close()
-        await drop_pg_database(db_name)
-        s3.stop()
-        nats_server.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def parse() -> argparse.Namespace:

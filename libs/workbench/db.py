@@ -110,6 +110,9 @@ class Database:
         if self.is_sqlite:
             kwargs["connect_args"] = {"timeout": 30}
         else:
+            # Generic plans cached while a table is nearly empty (e.g. `IN (<500 params>)` as
+            # a full scan) stay bad until autoanalyze; custom plans track the data.
+            kwargs["connect_args"] = {"server_settings": {"plan_cache_mode": "force_custom_plan"}}
             kwargs["pool_size"] = pool_size
             kwargs["max_overflow"] = pool_size
             kwargs["pool_pre_ping"] = True
