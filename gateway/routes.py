@@ -61,6 +61,3 @@ DEFAULT_ROUTES = RouteTable()
 def route_for(path: str) -> str | None:
     return DEFAULT_ROUTES.service_for(path)
 
-
-def is_public(method: str, path: str) -> bool:
-    return DEFAULT_ROUTES.is_public(method, path)

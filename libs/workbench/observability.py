@@ -95,11 +95,6 @@ def setup_tracing(service: str, export: str = "none") -> None:
         provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
     trace.set_tracer_provider(provider)
 
-
-def traceparent_of_current_span() -> str | None:
-    return traceparent_of(trace.get_current_span())
-
-
 def traceparent_of(span: trace.Span) -> str | None:
     ctx = span.get_span_context()
     if not ctx.is_valid:

@@ -70,10 +70,6 @@ def secret_matches(secret: str, stored_digest: bytes) -> bool:
     return hmac.compare_digest(digest(secret), stored_digest)
 
 
-def looks_like_api_key(token: str) -> bool:
-    return token.startswith(API_KEY_PREFIX + "_")
-
-
 def new_refresh_token() -> tuple[str, bytes]:
     token = f"{REFRESH_PREFIX}_{secrets.token_urlsafe(32)}"
     return token, digest(token)

@@ -21,6 +21,7 @@ from sqlalchemy import (
     Table,
     Text,
     delete,
+    func,
     select,
     update,
 )
@@ -225,8 +226,9 @@ class OutboxRelay:
     async def pending(self) -> int:
         t = self.tables.outbox
         async with self.db.transaction() as session:
-            rows = await session.execute(select(t.c.seq).where(t.c.published_at.is_(None)))
-            return len(rows.all())
+            count = await session.execute(
+                select(func.count()).select_from(t).where(t.c.published_at.is_(None)))
+            return int(count.scalar_one())
 
     async def _cleanup(self) -> None:
         t = self.tables.outbox
