@@ -4,6 +4,7 @@ PostgreSQL schema (distributed), and one transaction per unit of work."""
 from __future__ import annotations
 
 import os
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -58,8 +59,15 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_uuid7_last = 0
+_uuid7_lock = threading.Lock()
+
+
 def uuid7() -> uuid.UUID:
-    """Time-ordered UUID (RFC 9562 v7): ids sort by creation, which makes cursors simple."""
+    """Time-ordered UUID (RFC 9562 v7): ids sort by creation, which makes cursors simple.
+    Monotonic within the process (RFC 9562 §6.2, method 2): ids made in the same millisecond,
+    or after the clock stepped back, follow the previous one by one."""
+    global _uuid7_last
     ms = time.time_ns() // 1_000_000
     rand = int.from_bytes(os.urandom(10), "big")
     value = (ms & ((1 << 48) - 1)) << 80
@@ -67,6 +75,12 @@ def uuid7() -> uuid.UUID:
     value |= ((rand >> 62) & 0xFFF) << 64
     value |= 0b10 << 62
     value |= rand & ((1 << 62) - 1)
+    with _uuid7_lock:
+        if value <= _uuid7_last:
+            value = _uuid7_last + 1
+            if (value >> 62) & 0b11 != 0b10:  # the 62-bit counter overflowed into the variant
+                value = (((value >> 64) + 1) << 64) | (0b10 << 62)
+        _uuid7_last = value
     return uuid.UUID(int=value)
 
 

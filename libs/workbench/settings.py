@@ -64,6 +64,10 @@ class BusSettings(BaseSettings):
     nats_duplicate_window_s: float = Field(default=300.0, gt=0)
     outbox_batch_size: int = Field(default=200, ge=1, le=5000)
     outbox_poll_interval_s: float = Field(default=1.0, gt=0)
+    # On shutdown a consumer finishes (handles and acks) the batch in hand for up to this long;
+    # past it the batch is cancelled and handed back to the stream (nak) for immediate
+    # redelivery.
+    consumer_stop_grace_s: float = Field(default=10.0, ge=0)
 
 
 class RedisSettings(BaseSettings):

@@ -9,9 +9,8 @@ not hold back the others.
 
 The audit app runs in-process (`app.router.lifespan_context`); events are published with the
 shared bus (`JetStreamBus.publish`) or, for (b), through a real outbox and `OutboxRelay`; what was
-recorded is read straight from the database. (d) runs twice: against a consumer created with a
-5 s ack_wait (fast), and against the service's own consumer, whose 60 s ack_wait every
-unacknowledged batch waits out before it is delivered again (marked slow)."""
+recorded is read straight from the database. (d) runs against the service's own consumer (60 s
+ack_wait): a stopped consumer hands back what it could not finish, so nothing waits that long."""
 
 from __future__ import annotations
 
@@ -26,17 +25,15 @@ import nats
 import pytest
 from fastapi import FastAPI
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from sqlalchemy import func, select
 
 from services.audit import app as audit_app
-from services.audit.events import CONSUMER, SUBJECT, Events
+from services.audit.events import CONSUMER, Events
 from services.audit.models import AuditRecord, ChainHead
 from services.audit.service import AuditService
 from services.audit.settings import AuditSettings
 from workbench.db import Database, new_metadata
-from workbench.events.bus import ConsumerOptions
 from workbench.events.envelope import EventEnvelope
 from workbench.events.nats_bus import JetStreamBus
 from workbench.events.outbox import Outbox, OutboxRelay, event_tables
@@ -452,40 +449,37 @@ async def test_an_event_that_cannot_be_recorded_does_not_hold_back_the_others(
 
 # ---- (d) the audit service stops mid-batch ------------------------------------------------------
 
-SHORT_ACK_WAIT_S = 5.0
 
 
-async def create_audit_consumer(url: str, ack_wait_s: float) -> None:
-    """The audit service's durable consumer as it creates it (nats_bus._pull_subscription with
-    the service's ConsumerOptions), but with a shorter ack_wait; the service binds to it."""
+async def consumer_ack_wait(url: str) -> float:
+    """The ack_wait of the audit service's durable consumer (which its consumer loop creates
+    shortly after the service starts)."""
     nc = await nats.connect(url)
     try:
-        await nc.jetstream().add_consumer(STREAM, ConsumerConfig(
-            name=CONSUMER, durable_name=CONSUMER, filter_subject=SUBJECT,
-            ack_policy=AckPolicy.EXPLICIT, deliver_policy=DeliverPolicy.ALL,
-            max_deliver=ConsumerOptions().max_deliver, ack_wait=ack_wait_s,
-            max_ack_pending=max(AuditSettings().audit_batch_size * 4, 1000)))
+        for _ in range(100):
+            try:
+                info = await nc.jetstream().consumer_info(STREAM, CONSUMER)
+            except NotFoundError:
+                await asyncio.sleep(0.1)
+                continue
+            return float(info.config.ack_wait or 0)
+        raise AssertionError("the audit consumer was not created within 10 s")
     finally:
         await nc.close()
 
 
-@pytest.mark.parametrize("ack_wait_s", [
-    pytest.param(SHORT_ACK_WAIT_S, id="short-ack-wait"),
-    # The real consumer: every stop below costs a redelivery wait of ack_wait (60 s).
-    pytest.param(None, id="service-ack-wait", marks=pytest.mark.slow),
-])
 async def test_audit_stopped_mid_batch_and_restarted_loses_and_doubles_nothing(
-    ack_wait_s: float | None, settings: AuditSettings, records: Records,
-    publisher: JetStreamBus, own_nats: NatsServer, monkeypatch: pytest.MonkeyPatch,
+    settings: AuditSettings, records: Records, publisher: JetStreamBus, own_nats: NatsServer,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Events flow the whole time. The audit service is stopped three times while it works:
     (1) between its batch's commit and the acks (the records are in, the bus does not know),
     (2) inside its batch's transaction (nothing is in, nothing acked), (3) wherever it happens
-    to be. Each time it is started again; in the end every event is recorded exactly once, and
-    the redelivery of the batch that was committed but not acked was absorbed."""
-    if ack_wait_s is not None:
-        await create_audit_consumer(own_nats.url, ack_wait_s)
-    redelivery_wait = ack_wait_s or ACK_WAIT_S
+    to be (a clean stop: the batch in hand is finished and acked). Each time it is started
+    again; in the end every event is recorded exactly once, the redelivery of the batch that
+    was committed but not acked was absorbed, and — because a stop that overruns its grace
+    period hands its batch back (nak) — nothing waited out the consumer's 60 s ack_wait."""
+    settings = settings.model_copy(update={"consumer_stop_grace_s": 1.0})
     org = new_org()
     events = project_events(org, 1000)
     stop_in: list[str] = [""]  # where the next batch stops: "", "before-ack", "in-transaction"
@@ -514,21 +508,15 @@ async def test_audit_stopped_mid_batch_and_restarted_loses_and_doubles_nothing(
     monkeypatch.setattr(Msg, "ack", ack)
 
     async def publish_slowly() -> None:
-        for i in range(0, len(events), 25):
-            await publish_all(publisher, events[i:i + 25])
-            await asyncio.sleep(0.02)
+        for i in range(0, len(events), 10):  # ~8 s in all: longer than three stops
+            await publish_all(publisher, events[i:i + 10])
+            await asyncio.sleep(0.08)
 
     flow = asyncio.create_task(publish_slowly())
     try:
         for where, after in (("before-ack", 150), ("in-transaction", 350), ("", 550)):
             async with audit_running(settings):
-                if ack_wait_s is None:
-                    nc = await nats.connect(own_nats.url)
-                    try:
-                        info = await nc.jetstream().consumer_info(STREAM, CONSUMER)
-                    finally:
-                        await nc.close()
-                    assert info.config.ack_wait == ACK_WAIT_S
+                assert await consumer_ack_wait(own_nats.url) == ACK_WAIT_S
                 await eventually(at_least(records, events, after), 20, f"{after} recorded")
                 reached.clear()
                 stop_in[0] = where
@@ -539,13 +527,13 @@ async def test_audit_stopped_mid_batch_and_restarted_loses_and_doubles_nothing(
             assert not flow.done(), "events flow while the service stops"
         await flow
         async with audit_running(settings):
-            took = await records.wait_for(events, redelivery_wait + 30,
+            took = await records.wait_for(events, ACK_WAIT_S / 2,
                                           "every event recorded after the last restart")
-            await wait_consumer_settled(own_nats.url, timeout=redelivery_wait + 30)
+            await wait_consumer_settled(own_nats.url, timeout=ACK_WAIT_S / 2)
             await asyncio.sleep(0.5)
     finally:
         flow.cancel()
     print(f"\n(d) every event recorded {took:.1f}s after the last restart "
-          f"(ack_wait {redelivery_wait:.0f}s)")
+          f"(ack_wait {ACK_WAIT_S:.0f}s)")
     await records.assert_exactly_once(org, events)
     assert handed[0] > len(events), "no batch was delivered again"

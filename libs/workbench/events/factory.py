@@ -11,4 +11,5 @@ def bus_from_settings(core: CoreSettings, bus: BusSettings, *, name: str) -> Eve
     if core.mode is RunMode.EMBEDDED:
         return InProcessBus(core.data_dir / "bus" / "events.sqlite3")
     return JetStreamBus(bus.nats_url, stream=bus.nats_stream,
-                        duplicate_window_s=bus.nats_duplicate_window_s, name=name)
+                        duplicate_window_s=bus.nats_duplicate_window_s, name=name,
+                       stop_grace_s=bus.consumer_stop_grace_s)

@@ -27,15 +27,17 @@ from workbench.events.envelope import EventEnvelope
 log = logging.getLogger("workbench.bus")
 
 
-class _Task:
-    """A consumer loop. nats-py's fetch can swallow a cancellation, so the loop also checks
-    `stopping`, and stop() waits a bounded time."""
+class _Consumer:
+    """A consumer loop. stop() lets it finish: the batch in hand is handled and acked (or,
+    when the handler overruns the grace period, cancelled and nak'ed so that another replica
+    gets it at once instead of after the ack wait). A fetch ends within its 1 s timeout."""
 
-    def __init__(self) -> None:
+    def __init__(self, grace_s: float) -> None:
         self.stopping = False
+        self._grace_s = grace_s
         self._task: asyncio.Task[None] | None = None
 
-    def run(self, coro: Coroutine[Any, Any, None]) -> _Task:
+    def run(self, coro: Coroutine[Any, Any, None]) -> _Consumer:
         self._task = asyncio.create_task(coro)
         return self
 
@@ -43,10 +45,14 @@ class _Task:
         self.stopping = True
         if self._task is None:
             return
+        done, _ = await asyncio.wait({self._task}, timeout=self._grace_s)
+        if done:
+            return
         self._task.cancel()
         done, _ = await asyncio.wait({self._task}, timeout=5.0)
         if not done:
-            log.warning("a consumer did not stop within 5 s; leaving it behind")
+            log.warning("a consumer did not stop within %.0f s; leaving it behind",
+                        self._grace_s + 5)
 
 
 class _CoreSub:
@@ -79,6 +85,7 @@ class JetStreamBus:
         name: str = "workbench",
         publish_timeout_s: float = 5.0,
         first_connect_timeout_s: float = 5.0,
+        stop_grace_s: float = 10.0,
     ) -> None:
         self._url = url
         self._stream = stream
@@ -88,10 +95,11 @@ class JetStreamBus:
         self._nc: NatsClient | None = None
         self._js: JetStreamContext | None = None
         self._stream_ready = False
-        self._tasks: list[_Task] = []
+        self._tasks: list[_Consumer] = []
         self._connector: asyncio.Task[None] | None = None
         self._pending_broadcasts: list[tuple[str, Handler]] = []
         self._first_connect_timeout_s = first_connect_timeout_s
+        self._stop_grace_s = stop_grace_s
 
     async def start(self) -> None:
         """Connect, or — when NATS is down — start anyway and keep connecting in the
@@ -219,7 +227,7 @@ class JetStreamBus:
         options: ConsumerOptions | None = None,
     ) -> Subscription:
         opts = options or ConsumerOptions()
-        task = _Task()
+        task = _Consumer(self._stop_grace_s)
         task.run(self._consume(durable, subject, handler, None, opts, task))
         self._tasks.append(task)
         return task
@@ -236,7 +244,7 @@ class JetStreamBus:
         async def one(event: EventEnvelope) -> None:
             await handler([event])
 
-        task = _Task()
+        task = _Consumer(self._stop_grace_s)
         task.run(self._consume(durable, subject, one, handler, opts, task))
         self._tasks.append(task)
         return task
@@ -261,73 +269,104 @@ class JetStreamBus:
 
     async def _consume(
         self, durable: str, subject: str, handler: Handler,
-        batch_handler: BatchHandler | None, opts: ConsumerOptions, control: _Task,
+        batch_handler: BatchHandler | None, opts: ConsumerOptions, control: _Consumer,
     ) -> None:
+        """Fetch, handle, ack. With a batch handler the next fetch is already on its way while
+        a batch is handled (the batches are still handled one after the other, in order)."""
         sub: JetStreamContext.PullSubscription | None = None
-        while not control.stopping:
-            if self._js is None:  # not connected yet
-                await asyncio.sleep(0.5)
-                continue
+        ahead: asyncio.Task[list[Msg]] | None = None
+        in_hand: list[Msg] = []
+        try:
+            while not control.stopping or ahead is not None:
+                if self._js is None:  # not connected yet
+                    await asyncio.sleep(0.5)
+                    continue
+                try:
+                    if sub is None:
+                        sub = await self._pull_subscription(durable, subject, opts)
+                    if ahead is not None:
+                        fetching, ahead = ahead, None
+                        msgs = await fetching
+                    else:
+                        msgs = await sub.fetch(opts.batch, timeout=1.0)
+                except (NatsTimeoutError, TimeoutError):
+                    continue
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    log.warning("consumer %s: fetch failed (%s); retrying", durable, exc)
+                    sub = None
+                    await asyncio.sleep(0.5)
+                    continue
+                in_hand = list(msgs)
+                if batch_handler is not None and not control.stopping:
+                    ahead = asyncio.create_task(sub.fetch(opts.batch, timeout=1.0))
+                await self._handle(durable, in_hand, handler, batch_handler, opts)
+                in_hand = []
+        finally:
+            # Cancelled mid-batch: give back the batch in hand and the one fetched ahead now,
+            # rather than leaving them to come back after ack_wait.
+            if ahead is not None:
+                try:
+                    in_hand += await asyncio.wait_for(ahead, timeout=2.0)
+                except BaseException:
+                    pass
+            for msg in in_hand:
+                if not msg.is_acked:
+                    try:
+                        await msg.nak()
+                    except Exception:
+                        pass
+
+    async def _handle(self, durable: str, msgs: list[Msg], handler: Handler,
+                      batch_handler: BatchHandler | None, opts: ConsumerOptions) -> None:
+        decoded: list[tuple[Msg, EventEnvelope]] = []
+        for msg in msgs:
             try:
-                if sub is None:
-                    sub = await self._pull_subscription(durable, subject, opts)
-                msgs = await sub.fetch(opts.batch, timeout=1.0)
-            except (NatsTimeoutError, TimeoutError):
-                continue
+                decoded.append((msg, EventEnvelope.from_bytes(msg.data)))
+            except Exception as exc:
+                log.error("consumer %s: undecodable message dropped: %s", durable, exc)
+                await msg.term()
+        if batch_handler is not None and decoded:
+            try:
+                await batch_handler([e for _, e in decoded])
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.warning("consumer %s: fetch failed (%s); retrying", durable, exc)
-                sub = None
-                await asyncio.sleep(0.5)
-                continue
-            decoded: list[tuple[Msg, EventEnvelope]] = []
-            for msg in msgs:
-                try:
-                    decoded.append((msg, EventEnvelope.from_bytes(msg.data)))
-                except Exception as exc:
-                    log.error("consumer %s: undecodable message dropped: %s", durable, exc)
+                log.warning("consumer %s: batch failed (%s); one event at a time",
+                            durable, exc)
+            else:
+                for msg, _ in decoded:
+                    try:
+                        await msg.ack()
+                    except Exception as exc:
+                        log.warning("ack failed: %s", exc)
+                return
+        for msg, event in decoded:
+            attempt = msg.metadata.num_delivered or 1
+            try:
+                await handler(event)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if attempt >= opts.max_deliver:
+                    log.error(
+                        "event parked as dead letter after %d attempts: %s",
+                        attempt,
+                        exc,
+                        extra={"event_id": event.id, "durable": durable},
+                    )
                     await msg.term()
-            if batch_handler is not None and decoded:
-                try:
-                    await batch_handler([e for _, e in decoded])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("consumer %s: batch failed (%s); one event at a time",
-                                durable, exc)
                 else:
-                    results = await asyncio.gather(*(m.ack() for m, _ in decoded),
-                                                   return_exceptions=True)
-                    for r in results:
-                        if isinstance(r, Exception):
-                            log.warning("ack failed: %s", r)
-                    continue
-            for msg, event in decoded:
-                attempt = msg.metadata.num_delivered or 1
-                try:
-                    await handler(event)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    if attempt >= opts.max_deliver:
-                        log.error(
-                            "event parked as dead letter after %d attempts: %s",
-                            attempt,
-                            exc,
-                            extra={"event_id": event.id, "durable": durable},
-                        )
-                        await msg.term()
-                    else:
-                        log.warning("handler failed (attempt %d): %s", attempt, exc)
-                        await msg.nak(delay=backoff_for(opts, attempt))
-                    continue
-                try:
-                    await msg.ack()
-                except Exception as exc:
-                    # The handler's work is committed; a redelivery is absorbed by the
-                    # consumer's processed-id table.
-                    log.warning("ack failed for %s: %s", event.id, exc)
+                    log.warning("handler failed (attempt %d): %s", attempt, exc)
+                    await msg.nak(delay=backoff_for(opts, attempt))
+                continue
+            try:
+                await msg.ack()
+            except Exception as exc:
+                # The handler's work is committed; a redelivery is absorbed by the
+                # consumer's processed-id table.
+                log.warning("ack failed for %s: %s", event.id, exc)
 
     async def subscribe_broadcast(self, subject: str, handler: Handler) -> Subscription:
         if self._nc is None:

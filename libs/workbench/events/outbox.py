@@ -114,6 +114,10 @@ class Outbox:
         return envelope
 
 
+# The longest wait between two publish attempts while the bus is down.
+MAX_BACKOFF_S = 2.0
+
+
 class OutboxRelay:
     """Moves committed outbox rows to the bus in order. Woken after each commit that wrote
     events, and polls as a safety net. Several replicas may run: rows are claimed with
@@ -160,25 +164,42 @@ class OutboxRelay:
             pass
 
     async def _run(self) -> None:
+        """Relay whenever a transaction commits (or every poll interval). After a failed
+        publish the relay backs off — 0.2 s doubling to at most `MAX_BACKOFF_S` — and commits
+        do not cut the backoff short: while the bus is down a busy service retries a few times
+        a second at most, not once per commit, and resumes within `MAX_BACKOFF_S` of the bus
+        coming back."""
         last_cleanup = 0.0
         loop = asyncio.get_running_loop()
+        failing_since: float | None = None
         while True:
-            timeout = self._backoff or self.poll_interval_s
-            try:
-                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
-            except TimeoutError:
-                pass
+            if self._backoff:
+                await asyncio.sleep(self._backoff)
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+                except TimeoutError:
+                    pass
             self._wake.clear()
             try:
                 while await self.relay_once() == self.batch_size:
                     pass
-                self._backoff = 0.0
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self._backoff = min(max(self._backoff * 2, 0.2), 10.0)
-                log.warning("outbox relay: publish failed, retrying in %.1fs: %s",
-                            self._backoff, exc)
+                self._backoff = min(max(self._backoff * 2, 0.2), MAX_BACKOFF_S)
+                if failing_since is None:
+                    failing_since = loop.time()
+                    log.warning("outbox relay: publish failed, retrying every %.1fs at most "
+                                "until it succeeds: %s", MAX_BACKOFF_S, exc)
+                else:
+                    log.debug("outbox relay: publish failed again: %s", exc)
+            else:
+                if failing_since is not None:
+                    log.info("outbox relay: publishing again after %.1fs",
+                             loop.time() - failing_since)
+                    failing_since = None
+                self._backoff = 0.0
             if loop.time() - last_cleanup > 300:
                 last_cleanup = loop.time()
                 try:

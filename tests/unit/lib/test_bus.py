@@ -19,7 +19,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from workbench.db import Database, new_metadata
 from workbench.events.bus import ConsumerOptions, InProcessBus, subject_matches
 from workbench.events.envelope import EventEnvelope
-from workbench.events.outbox import EventTables, Outbox, OutboxRelay, event_tables, idempotent
+from workbench.events.outbox import (
+    MAX_BACKOFF_S,
+    EventTables,
+    Outbox,
+    OutboxRelay,
+    event_tables,
+    idempotent,
+)
 
 FAST = ConsumerOptions(max_deliver=10, backoff_s=(0.01,))
 REGISTERED = "wb.user.user.registered"
@@ -407,6 +414,42 @@ async def test_running_relay_retries_until_bus_comes_back(store: Store) -> None:
     assert fake.published[0].id == env.id
     [row] = await store.outbox_rows()
     assert row["published_at"] is not None and row["attempts"] >= 1
+
+
+class CountingBus(FakeBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attempts = 0
+
+    async def publish(self, ev: EventEnvelope) -> None:
+        self.attempts += 1
+        await super().publish(ev)
+
+
+async def test_commits_during_an_outage_do_not_each_retry_and_relay_resumes_within_the_cap(
+        store: Store) -> None:
+    """While the bus is down, 40 commits over ~2 s wake the relay 40 times; the backoff holds:
+    a handful of attempts, not one per commit. Once the bus is back, everything held is
+    published within the longest backoff (plus a margin), though nothing commits any more."""
+    fake = CountingBus()
+    fake.down = True
+    relay = OutboxRelay(store.db, fake, store.tables, poll_interval_s=30)  # type: ignore[arg-type]
+    relay.start()
+    try:
+        for i in range(40):
+            async with store.db.transaction() as s:
+                await store.record(s, f"u{i}")
+            await asyncio.sleep(0.05)
+        # 0.2 + 0.4 + 0.8 + ... capped at MAX_BACKOFF_S: about 5 attempts in ~2 s
+        assert 2 <= fake.attempts <= 10, fake.attempts
+        fake.down = False
+        loop = asyncio.get_running_loop()
+        back = loop.time()
+        await eventually(lambda: len(fake.published) == 40, timeout=MAX_BACKOFF_S + 3)
+        assert loop.time() - back <= MAX_BACKOFF_S + 1.0
+    finally:
+        await relay.stop()
+    assert await relay.pending() == 0
 
 
 def _work(store: Store, ran: list[str], fail: bool = False
