@@ -25,7 +25,7 @@ from gateway.access import Access, AccessRecorder
 from gateway.auth import Authenticator
 from gateway.openapi import merge_specs
 from gateway.proxy import AsgiUpstream, HttpUpstream, Upstream
-from gateway.routes import DEFAULT_ROUTES, RouteTable
+from gateway.routes import DEFAULT_ROUTES, UPLOAD_ROUTES, RouteTable
 from gateway.settings import GatewaySettings
 from workbench import context
 from workbench.app import create_app
@@ -419,6 +419,9 @@ def create_gateway(
     core = _GatewayCore(settings, ops, routes)
     # The request middleware (ids, metrics, access log, body limit) wraps proxy and ops alike.
     wrapped = RequestMiddleware(core, service="gateway", max_body_bytes=settings.max_body_bytes,
+                                body_limit_overrides={
+                                    pattern: settings.upload_max_body_bytes
+                                    for pattern in UPLOAD_ROUTES},
                                 log_access=settings.access_log)
     ops.state.gateway_asgi = wrapped
     ops.state.core = core

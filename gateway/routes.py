@@ -13,7 +13,15 @@ ROUTE_TABLE: list[tuple[str, str]] = [
     ("/api/v1/api-keys", "user"),
     ("/.well-known/jwks.json", "user"),
     ("/api/v1/audit", "audit"),
+    ("/api/v1/datasets", "data"),
 ]
+
+# Routes that take file bodies (regular expressions): their body limit is the gateway's
+# upload_max_body_bytes instead of max_body_bytes.
+UPLOAD_ROUTES: tuple[str, ...] = (
+    r"^/api/v1/datasets/[^/]+/versions/?$",
+    r"^/api/v1/datasets/[^/]+/uploads/[^/]+/?$",
+)
 
 # Routes that need no credentials (rate-limited per client IP instead).
 PUBLIC_ROUTES: frozenset[tuple[str, str]] = frozenset({

@@ -19,3 +19,6 @@ class GatewaySettings(CoreSettings, AuthSettings, RedisSettings, BusSettings):
     upstream_read_timeout_s: float = Field(default=600.0, gt=0)
     # Publish an access record (wb.gateway.access.recorded) per request, for the audit log.
     access_records: bool = True
+    # Request bodies of the upload routes (routes.UPLOAD_ROUTES) may be this large; the service
+    # behind applies the org's quota. Other routes keep max_body_bytes.
+    upload_max_body_bytes: int = Field(default=20 << 30, ge=1024)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
@@ -41,6 +42,8 @@ class ServiceSpec:
     module: str  # has create_app(settings, *, bus) and MIGRATIONS
     settings: str  # "module:Class"
     port: int  # its port in distributed mode
+    # Calls the user service (projects, quotas); embedded mode hands it the app in process.
+    calls_user: bool = False
 
     def load(self) -> Any:
         return importlib.import_module(self.module)
@@ -54,6 +57,8 @@ SERVICES: dict[str, ServiceSpec] = {
     spec.name: spec
     for spec in [
         ServiceSpec("user", "services.user.app", "services.user.settings:UserSettings", 8001),
+        ServiceSpec("data", "services.data.app", "services.data.settings:DataSettings", 8002,
+                    calls_user=True),
         ServiceSpec("audit", "services.audit.app", "services.audit.settings:AuditSettings",
                     8008),
     ]
@@ -88,6 +93,8 @@ class EmbeddedPlatform:
             kwargs: dict[str, Any] = {"bus": self.bus}
             if name != "user":
                 kwargs["jwks"] = self._user_jwks
+            if spec.calls_user:
+                kwargs["user_transport"] = httpx.ASGITransport(self.apps["user"])
             self.apps[name] = spec.load().create_app(spec.make_settings(), **kwargs)
         self.gateway = create_gateway(GatewaySettings(), apps=self.apps, bus=self.bus)
 

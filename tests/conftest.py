@@ -65,10 +65,12 @@ class Platform:
     workdir: Path
     user_url: str | None = None
     audit_url: str | None = None
+    data_url: str | None = None
     processes: list[ServerProcess] = field(default_factory=list)
 
     def client(self, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30.0,
+        kw.setdefault("timeout", 30.0)
+        return httpx.Client(base_url=self.url,
                             event_hooks={"response": [no_secrets_in_response]}, **kw)
 
     def db_rows(self, sql: str, service: str = "user") -> list[tuple[Any, ...]]:
@@ -84,6 +86,36 @@ class Platform:
                 conn.execute(sql)
             return
         asyncio.run(_pg_execute(self.env["WB_DATABASE_URL"], sql, service))
+
+    def object_keys(self, prefix: str = "") -> list[str]:
+        """Keys in the platform's object store under `prefix` (the local folder in embedded
+        mode, the S3 bucket in distributed mode)."""
+        if self.mode == "embedded":
+            root = self.workdir / "data" / "objects" / "data"
+            return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                          if p.is_file() and p.relative_to(root).as_posix().startswith(prefix))
+        from minio import Minio
+
+        endpoint = self.env["WB_S3_ENDPOINT"].removeprefix("http://")
+        mc = Minio(endpoint, access_key=self.env["WB_S3_ACCESS_KEY"],
+                   secret_key=self.env["WB_S3_SECRET_KEY"], secure=False)
+        return sorted(o.object_name for o in mc.list_objects(
+            self.env["WB_S3_BUCKET"], prefix=prefix, recursive=True) if o.object_name)
+
+    def object_bytes(self, key: str) -> bytes:
+        if self.mode == "embedded":
+            return (self.workdir / "data" / "objects" / "data" / key).read_bytes()
+        from minio import Minio
+
+        endpoint = self.env["WB_S3_ENDPOINT"].removeprefix("http://")
+        mc = Minio(endpoint, access_key=self.env["WB_S3_ACCESS_KEY"],
+                   secret_key=self.env["WB_S3_SECRET_KEY"], secure=False)
+        resp = mc.get_object(self.env["WB_S3_BUCKET"], key)
+        try:
+            return resp.read()
+        finally:
+            resp.close()
+            resp.release_conn()
 
     def active_signing_key(self) -> tuple[str, Any]:
         rows = self.db_rows("SELECT kid, private_pem FROM signing_keys WHERE retired_at IS NULL")
@@ -135,12 +167,14 @@ def _start_embedded(workdir: Path) -> Platform:
 
 def _start_distributed(workdir: Path, nats_url: str, db_url: str,
                        s3: SeaweedServer) -> Platform:
-    user_port, audit_port, gw_port = free_port(), free_port(), free_port()
+    user_port, audit_port, data_port, gw_port = free_port(), free_port(), free_port(), free_port()
     env = base_env(
         WB_MODE="distributed", WB_DATA_DIR=str(workdir / "data"), WB_DATABASE_URL=db_url,
         WB_NATS_URL=nats_url, WB_REDIS_URL="redis://127.0.0.1:6379/0",
         WB_UPSTREAMS=(f'{{"user": "http://127.0.0.1:{user_port}", '
+                      f'"data": "http://127.0.0.1:{data_port}", '
                       f'"audit": "http://127.0.0.1:{audit_port}"}}'),
+        WB_USER_URL=f"http://127.0.0.1:{user_port}",
         WB_JWKS_URL=f"http://127.0.0.1:{user_port}/.well-known/jwks.json",
         **s3.env(bucket=f"wb-{workdir.name[-8:].lower().replace('_', '-')}"),
     )
@@ -153,12 +187,16 @@ def _start_distributed(workdir: Path, nats_url: str, db_url: str,
     audit = ServerProcess([*WB, "serve", "audit", "--port", str(audit_port)], env=env,
                           log=workdir / "audit.log").start()
     wait_http(f"http://127.0.0.1:{audit_port}/readyz", proc=audit.proc, log=audit.log)
+    data = ServerProcess([*WB, "serve", "data", "--port", str(data_port)], env=env,
+                         log=workdir / "data.log").start()
+    wait_http(f"http://127.0.0.1:{data_port}/readyz", proc=data.proc, log=data.log)
     gw = ServerProcess([*WB, "serve", "gateway", "--port", str(gw_port)], env=env,
                        log=workdir / "gateway.log").start()
     wait_http(f"http://127.0.0.1:{gw_port}/readyz", proc=gw.proc, log=gw.log)
     return Platform("distributed", f"http://127.0.0.1:{gw_port}", env, workdir,
                     user_url=f"http://127.0.0.1:{user_port}",
-                    audit_url=f"http://127.0.0.1:{audit_port}", processes=[user, audit, gw])
+                    audit_url=f"http://127.0.0.1:{audit_port}",
+                    data_url=f"http://127.0.0.1:{data_port}", processes=[user, audit, data, gw])
 
 
 @pytest.fixture(scope="session")

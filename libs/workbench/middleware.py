@@ -55,8 +55,13 @@ class RequestMiddleware:
         self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
     def _limit_for(self, path: str) -> int:
-        for prefix, limit in self.overrides:
-            if path.startswith(prefix):
+        # A key starting with "^" is a regular expression (upload routes have ids in them),
+        # any other key a path prefix.
+        for pattern, limit in self.overrides:
+            if pattern.startswith("^"):
+                if re.match(pattern, path):
+                    return limit
+            elif path.startswith(pattern):
                 return limit
         return self.max_body
 

@@ -62,6 +62,11 @@ def problem_bytes(status: int, code: str, title: str, detail: str, **extra: Any)
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 
+def problem_response(description: str) -> dict[str, Any]:
+    """An OpenAPI response entry for an error status of a route (beyond PROBLEM_RESPONSES)."""
+    return _resp(0, description)
+
+
 def _resp(status: int, description: str) -> dict[str, Any]:
     # The schema sits under the media type actually served; the app factory adds `Problem`
     # to the components (FastAPI would file a `model` under application/json).

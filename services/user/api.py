@@ -249,6 +249,13 @@ async def introspect(body: sch.KeyIntrospect, s: SessionDep, request: Request) -
     return await svc(request).introspect_key(s, body.key)
 
 
+@internal.get("/orgs/{org_id}/projects/{project_id}", response_model=sch.ProjectRead)
+async def internal_project(org_id: uuid.UUID, project_id: uuid.UUID, s: SessionDep,
+                           request: Request) -> Any:
+    """For services that keep things in projects: 404 unless the project is the org's."""
+    return await svc(request).project_of_org(s, org_id, project_id)
+
+
 @internal.post("/quotas/consume", response_model=sch.QuotaRead)
 async def consume(body: sch.QuotaConsume, s: SessionDep, request: Request) -> Any:
     return await svc(request).consume(s, body.org_id, body.resource, body.amount)

@@ -451,6 +451,10 @@ class UserService:
     async def get_project(self, s: AsyncSession, p: Principal, project_id: uuid.UUID) -> Project:
         return await ProjectRepo(s, p.org_id).get(project_id)
 
+    async def project_of_org(self, s: AsyncSession, org_id: uuid.UUID,
+                             project_id: uuid.UUID) -> Project:
+        return await ProjectRepo(s, org_id).get(project_id)
+
     async def update_project(self, s: AsyncSession, p: Principal, project_id: uuid.UUID,
                              changes: dict[str, Any]) -> Project:
         project = await ProjectRepo(s, p.org_id).get(project_id)

@@ -66,15 +66,21 @@ def component(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 
 # ---- paths ----------------------------------------------------------------------------------
 
+# Path prefixes of the services other than the user service.
+OTHER_SERVICES = ("/api/v1/audit", "/api/v1/datasets")
+
+
 def test_spec_lists_the_user_service_api_paths(spec: dict[str, Any]) -> None:
     paths = set(spec["paths"])
 
     assert spec["openapi"].startswith("3.")
     assert spec["info"]["title"] == "xai-workbench API"
     user_paths = {p for p in paths
-                  if p.startswith("/api/v1/") and not p.startswith("/api/v1/audit")}
+                  if p.startswith("/api/v1/") and not p.startswith(OTHER_SERVICES)}
     assert user_paths == USER_API_PATHS
     assert "/api/v1/audit/records" in paths and "/api/v1/audit/verify" in paths
+    assert {"/api/v1/datasets", "/api/v1/datasets/{dataset_id}/versions",
+            "/api/v1/datasets/{dataset_id}/versions/{number}/download"} <= paths
     assert "/.well-known/jwks.json" in paths
     assert {m for m, p, _ in operations(spec) if p == "/api/v1/projects"} == {"get", "post"}
 
@@ -95,7 +101,7 @@ def test_spec_matches_the_user_service_own_document(spec: dict[str, Any],
 
     own_api = {p for p in own["paths"] if p.startswith("/api/v1/")}
     assert own_api == {p for p in spec["paths"]
-                       if p.startswith("/api/v1/") and not p.startswith("/api/v1/audit")}
+                       if p.startswith("/api/v1/") and not p.startswith(OTHER_SERVICES)}
     assert not [p for p in own["paths"] if p.startswith("/internal")]
 
 
@@ -131,7 +137,7 @@ def test_every_post_request_body_schema_has_an_example(spec: dict[str, Any]) -> 
     missing: list[str] = []
     checked = 0
     for method, path, op in operations(spec):
-        if method != "post" or "requestBody" not in op:
+        if method != "post" or "requestBody" not in op or file_body(op):
             continue
         schema = op["requestBody"]["content"]["application/json"]["schema"]
         targets = refs(schema)
@@ -145,9 +151,29 @@ def test_every_post_request_body_schema_has_an_example(spec: dict[str, Any]) -> 
     assert not missing, f"request body schemas without `examples`: {missing}"
 
 
+def file_body(op: dict[str, Any]) -> bool:
+    """A file upload: no JSON body, and every media type it takes is documented as binary."""
+    content = op["requestBody"]["content"]
+    if "application/json" in content:
+        return False
+    for media, entry in content.items():
+        schema = entry["schema"]
+        binary = schema.get("format") == "binary" or any(
+            p.get("format") == "binary" for p in schema.get("properties", {}).values())
+        assert binary, f"{media} body of {op.get('summary')} is neither JSON nor a file"
+    return True
+
+
+def test_file_upload_routes_document_their_bodies(spec: dict[str, Any]) -> None:
+    uploads = [(m, p) for m, p, op in operations(spec)
+               if "requestBody" in op and file_body(op)]
+    assert ("post", "/api/v1/datasets/{dataset_id}/versions") in uploads
+    assert ("put", "/api/v1/datasets/{dataset_id}/uploads/{upload_id}") in uploads
+
+
 def test_request_body_examples_fit_their_schema(spec: dict[str, Any]) -> None:
     for method, path, op in operations(spec):
-        if "requestBody" not in op:
+        if "requestBody" not in op or file_body(op):
             continue
         for ref in refs(op["requestBody"]["content"]["application/json"]["schema"]):
             schema = component(spec, ref)

@@ -11,6 +11,7 @@ import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar, TypeVarTuple, Unpack
 
 import anyio
@@ -193,6 +194,28 @@ class ObjectStore(ABC):
             yield data
 
         return await self.put_stream(key, one_chunk(), content_type=content_type)
+
+    async def put_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        sha256: str | None = None,
+    ) -> ObjectInfo:
+        """Stores the file at `path` under `key` (the file is left in place). `sha256`, when
+        the caller already has it, saves a read of the file. Backends override this with their
+        fastest whole-file path (a kernel copy, a parallel multipart upload)."""
+
+        async def chunks() -> AsyncIterator[bytes]:
+            f = await anyio.open_file(path, "rb")
+            try:
+                while data := await f.read(DEFAULT_CHUNK_SIZE):
+                    yield data
+            finally:
+                await f.aclose()
+
+        return await self.put_stream(key, chunks(), content_type=content_type)
 
     @abstractmethod
     def get_stream(

@@ -8,6 +8,7 @@ import errno
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -115,9 +116,47 @@ class LocalObjectStore(ObjectStore):
             await self._run(upload.discard)
             raise
 
+    async def put_file(
+        self,
+        key: str,
+        path: Path,
+        *,
+        content_type: str | None = None,
+        sha256: str | None = None,
+    ) -> ObjectInfo:
+        key = self._checked_key(key)
+        return await self._run(self._put_file_sync, key, path,
+                               content_type or DEFAULT_CONTENT_TYPE, sha256)
+
+    def _put_file_sync(self, key: str, path: Path, content_type: str,
+                       sha256: str | None) -> ObjectInfo:
+        self._tmp.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self._tmp, prefix="upload-")
+        tmp = Path(name)
+        try:
+            with os.fdopen(fd, "wb") as out, path.open("rb") as src:
+                if sha256 is None:
+                    digest = hashlib.sha256()
+                    while data := src.read(DEFAULT_CHUNK_SIZE):
+                        digest.update(data)
+                        out.write(data)
+                    sha256 = digest.hexdigest()
+                else:
+                    shutil.copyfileobj(src, out, 8 << 20)  # copy_file_range where it can
+                out.flush()
+                os.fsync(out.fileno())
+                st = os.fstat(out.fileno())
+            return self._commit_file(tmp, st, sha256, key, content_type)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
     def _commit(self, upload: _LocalUpload, key: str, content_type: str) -> ObjectInfo:
         st = upload.finish()
-        sha256 = upload.sha256.hexdigest()
+        return self._commit_file(upload.path, st, upload.sha256.hexdigest(), key, content_type)
+
+    def _commit_file(self, path: Path, st: os.stat_result, sha256: str, key: str,
+                     content_type: str) -> ObjectInfo:
         # The sidecar names the data file it describes (inode, size, mtime): the two renames
         # below are not one atomic step, and a crash or a concurrent upload of the same key in
         # between must not pair these bytes with another upload's hash.
@@ -133,7 +172,7 @@ class LocalObjectStore(ObjectStore):
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 json.dump(meta, f)
-            self._move_into_place(upload.path, self._data / key, key)
+            self._move_into_place(path, self._data / key, key)
             self._move_into_place(meta_tmp, self._meta / key, key)
         finally:
             meta_tmp.unlink(missing_ok=True)
