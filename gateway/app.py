@@ -35,7 +35,12 @@ from workbench.events.bus import EventBus, Subscription
 from workbench.identity.deps import bearer_token
 from workbench.identity.tokens import TokenVerifier
 from workbench.middleware import RequestMiddleware
-from workbench.problems import PROBLEM_CONTENT_TYPE, problem_bytes
+from workbench.problems import (
+    PROBLEM_CONTENT_TYPE,
+    is_openai_path,
+    openai_error_bytes,
+    problem_bytes,
+)
 from workbench.ratelimit import (
     Decision,
     MemoryRateLimiter,
@@ -54,9 +59,16 @@ INTERNAL_HEADER_PREFIXES = (b"x-wb-", b"x-forwarded-", b"x-real-ip", b"forwarded
 
 
 async def send_problem(send: Send, err: WorkbenchError,
-                       extra_headers: list[tuple[bytes, bytes]] = ()) -> None:  # type: ignore[assignment]
-    body = problem_bytes(err.status, err.code, err.title, err.detail, **err.extra)
-    headers = [(b"content-type", PROBLEM_CONTENT_TYPE.encode()),
+                       extra_headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+                       *, path: str = "") -> None:
+    """problem+json, or OpenAI's error shape on the OpenAI-compatible routes (/v1/…)."""
+    if is_openai_path(path):
+        body = openai_error_bytes(err.status, err.code, err.detail)
+        content_type = b"application/json"
+    else:
+        body = problem_bytes(err.status, err.code, err.title, err.detail, **err.extra)
+        content_type = PROBLEM_CONTENT_TYPE.encode()
+    headers = [(b"content-type", content_type),
                (b"content-length", str(len(body)).encode())]
     headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
     headers += list(extra_headers)
@@ -140,7 +152,7 @@ class Gateway:
         if upstream is None:
             await send_problem(send, ServiceUnavailable(
                 f"the {service} service is not deployed in this installation",
-                code="service_not_deployed"))
+                code="service_not_deployed"), path=path)
             return
         method: str = scope["method"]
         headers: list[tuple[bytes, bytes]] = []
@@ -178,7 +190,7 @@ class Gateway:
                 rate = self.rate_auth
             decision = await self._limit(bucket, rate)
         except WorkbenchError as err:
-            await send_problem(send, err)
+            await send_problem(send, err, path=path)
             return
         ctx = context.current()
         if ctx is not None:
@@ -205,7 +217,7 @@ class Gateway:
         except WorkbenchError as err:
             if started:
                 raise
-            await send_problem(send, err)
+            await send_problem(send, err, path=path)
 
     async def _limit(self, bucket: str, rate: Rate) -> Decision | None:
         if self.limiter is None:

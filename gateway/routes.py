@@ -14,6 +14,9 @@ ROUTE_TABLE: list[tuple[str, str]] = [
     ("/.well-known/jwks.json", "user"),
     ("/api/v1/audit", "audit"),
     ("/api/v1/datasets", "data"),
+    ("/api/v1/inference", "inference"),
+    # The OpenAI-compatible API (the official clients call <base_url>/chat/completions, …).
+    ("/v1", "inference"),
 ]
 
 # Routes that take file bodies (regular expressions): their body limit is the gateway's

@@ -59,6 +59,8 @@ SERVICES: dict[str, ServiceSpec] = {
         ServiceSpec("user", "services.user.app", "services.user.settings:UserSettings", 8001),
         ServiceSpec("data", "services.data.app", "services.data.settings:DataSettings", 8002,
                     calls_user=True),
+        ServiceSpec("inference", "services.inference.app",
+                    "services.inference.settings:InferenceSettings", 8003, calls_user=True),
         ServiceSpec("audit", "services.audit.app", "services.audit.settings:AuditSettings",
                     8008),
     ]

@@ -49,6 +49,9 @@ def base_env(**extra: str) -> dict[str, str]:
         "WB_PASSWORD_MEMORY_KIB": "8192",
         # Keys are re-read often, so sign-ins overlap a reload all the time.
         "WB_KEYRING_RELOAD_INTERVAL_S": "0.5",
+        # A replica that cannot start fails its deployment after 2 quick tries, not 5 slow ones.
+        "WB_INFERENCE_RESTART_BACKOFF_S": "0.2",
+        "WB_INFERENCE_MAX_RESTARTS": "2",
     })
     env.update(extra)
     return env
@@ -66,6 +69,7 @@ class Platform:
     user_url: str | None = None
     audit_url: str | None = None
     data_url: str | None = None
+    inference_url: str | None = None
     processes: list[ServerProcess] = field(default_factory=list)
 
     def client(self, **kw: Any) -> httpx.Client:
@@ -168,11 +172,13 @@ def _start_embedded(workdir: Path) -> Platform:
 def _start_distributed(workdir: Path, nats_url: str, db_url: str,
                        s3: SeaweedServer) -> Platform:
     user_port, audit_port, data_port, gw_port = free_port(), free_port(), free_port(), free_port()
+    inference_port = free_port()
     env = base_env(
         WB_MODE="distributed", WB_DATA_DIR=str(workdir / "data"), WB_DATABASE_URL=db_url,
         WB_NATS_URL=nats_url, WB_REDIS_URL="redis://127.0.0.1:6379/0",
         WB_UPSTREAMS=(f'{{"user": "http://127.0.0.1:{user_port}", '
                       f'"data": "http://127.0.0.1:{data_port}", '
+                      f'"inference": "http://127.0.0.1:{inference_port}", '
                       f'"audit": "http://127.0.0.1:{audit_port}"}}'),
         WB_USER_URL=f"http://127.0.0.1:{user_port}",
         WB_JWKS_URL=f"http://127.0.0.1:{user_port}/.well-known/jwks.json",
@@ -190,13 +196,19 @@ def _start_distributed(workdir: Path, nats_url: str, db_url: str,
     data = ServerProcess([*WB, "serve", "data", "--port", str(data_port)], env=env,
                          log=workdir / "data.log").start()
     wait_http(f"http://127.0.0.1:{data_port}/readyz", proc=data.proc, log=data.log)
+    inference = ServerProcess([*WB, "serve", "inference", "--port", str(inference_port)],
+                              env=env, log=workdir / "inference.log").start()
+    wait_http(f"http://127.0.0.1:{inference_port}/readyz", proc=inference.proc,
+              log=inference.log)
     gw = ServerProcess([*WB, "serve", "gateway", "--port", str(gw_port)], env=env,
                        log=workdir / "gateway.log").start()
     wait_http(f"http://127.0.0.1:{gw_port}/readyz", proc=gw.proc, log=gw.log)
     return Platform("distributed", f"http://127.0.0.1:{gw_port}", env, workdir,
                     user_url=f"http://127.0.0.1:{user_port}",
                     audit_url=f"http://127.0.0.1:{audit_port}",
-                    data_url=f"http://127.0.0.1:{data_port}", processes=[user, audit, data, gw])
+                    data_url=f"http://127.0.0.1:{data_port}",
+                    inference_url=f"http://127.0.0.1:{inference_port}",
+                    processes=[user, audit, data, inference, gw])
 
 
 @pytest.fixture(scope="session")

@@ -82,3 +82,35 @@ PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _resp(422, "The request did not validate; `errors` names each field"),
     429: _resp(429, "Rate limit or quota exceeded; see Retry-After"),
 }
+
+
+# ---- OpenAI-compatible routes (/v1/…) answer errors in OpenAI's shape -------------------------
+
+OPENAI_PREFIX = "/v1/"
+_OPENAI_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                 403: "permission_error", 404: "invalid_request_error",
+                 409: "invalid_request_error", 413: "invalid_request_error",
+                 415: "invalid_request_error", 422: "invalid_request_error",
+                 429: "rate_limit_error"}
+
+
+def is_openai_path(path: str) -> bool:
+    return path.startswith(OPENAI_PREFIX)
+
+
+def openai_error_body(status: int, code: str, message: str, *, param: str | None = None,
+                      type_: str | None = None) -> dict[str, Any]:
+    """`{"error": {"message", "type", "param", "code"}}` as OpenAI's API (and its clients)
+    expect; the request id rides along for support."""
+    if type_ is None:
+        type_ = _OPENAI_TYPES.get(status, "api_error" if status >= 500 else
+                                  "invalid_request_error")
+        if status == 429 and code == "quota_exceeded":
+            type_ = "insufficient_quota"
+    ctx = context.current()
+    return {"error": {"message": message, "type": type_, "param": param, "code": code,
+                      "request_id": ctx.request_id if ctx else None}}
+
+
+def openai_error_bytes(status: int, code: str, message: str, **kw: Any) -> bytes:
+    return orjson.dumps(openai_error_body(status, code, message, **kw))

@@ -261,6 +261,18 @@ async def consume(body: sch.QuotaConsume, s: SessionDep, request: Request) -> An
     return await svc(request).consume(s, body.org_id, body.resource, body.amount)
 
 
+@internal.post("/quotas/record", response_model=sch.QuotaRead)
+async def record_usage(body: sch.QuotaConsume, s: SessionDep, request: Request) -> Any:
+    """Add usage that already happened (metered after the fact, e.g. model tokens): never
+    refused; the next check sees the org over its limit."""
+    return await svc(request).record_usage(s, body.org_id, body.resource, body.amount)
+
+
+@internal.get("/orgs/{org_id}/quotas/{resource}", response_model=sch.QuotaRead)
+async def read_quota(org_id: uuid.UUID, resource: str, s: SessionDep, request: Request) -> Any:
+    return await svc(request).quota_of(s, org_id, resource)
+
+
 @internal.post("/quotas/release", response_model=sch.QuotaRead)
 async def release(body: sch.QuotaConsume, s: SessionDep, request: Request) -> Any:
     return await svc(request).release(s, body.org_id, body.resource, body.amount)

@@ -611,6 +611,18 @@ class UserService:
         await s.flush()
         return {"resource": resource, "limit": q.limit, "used": q.used}
 
+    async def record_usage(self, s: AsyncSession, org_id: uuid.UUID, resource: str,
+                           amount: int) -> dict[str, Any]:
+        q = await self._quota_row(s, org_id, resource)
+        q.used += amount
+        await s.flush()
+        return {"resource": resource, "limit": q.limit, "used": q.used}
+
+    async def quota_of(self, s: AsyncSession, org_id: uuid.UUID,
+                       resource: str) -> dict[str, Any]:
+        q = await self._quota_row(s, org_id, resource)
+        return {"resource": resource, "limit": q.limit, "used": q.used}
+
     async def release(self, s: AsyncSession, org_id: uuid.UUID, resource: str,
                       amount: int) -> dict[str, Any]:
         q = await self._quota_row(s, org_id, resource)

@@ -103,6 +103,12 @@ def concrete(template: str) -> str:
 
 
 def is_problem(r: httpx.Response, status: int) -> bool:
+    """problem+json with this status — or, on the OpenAI-compatible routes (/v1/…), OpenAI's
+    error shape, which their clients expect."""
+    if r.request.url.path.startswith("/v1/"):
+        body = r.json() if r.status_code == status else None
+        return isinstance(body, dict) and isinstance(body.get("error"), dict) and bool(
+            body["error"].get("code")) and bool(body["error"].get("message"))
     if r.status_code != status or not r.headers.get("content-type", "").startswith(PROBLEM):
         return False
     if r.request.method == "HEAD":

@@ -67,7 +67,7 @@ def component(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 # ---- paths ----------------------------------------------------------------------------------
 
 # Path prefixes of the services other than the user service.
-OTHER_SERVICES = ("/api/v1/audit", "/api/v1/datasets")
+OTHER_SERVICES = ("/api/v1/audit", "/api/v1/datasets", "/api/v1/inference")
 
 
 def test_spec_lists_the_user_service_api_paths(spec: dict[str, Any]) -> None:
@@ -78,6 +78,7 @@ def test_spec_lists_the_user_service_api_paths(spec: dict[str, Any]) -> None:
     user_paths = {p for p in paths
                   if p.startswith("/api/v1/") and not p.startswith(OTHER_SERVICES)}
     assert user_paths == USER_API_PATHS
+    assert {"/v1/chat/completions", "/v1/embeddings", "/api/v1/inference/services"} <= paths
     assert "/api/v1/audit/records" in paths and "/api/v1/audit/verify" in paths
     assert {"/api/v1/datasets", "/api/v1/datasets/{dataset_id}/versions",
             "/api/v1/datasets/{dataset_id}/versions/{number}/download"} <= paths
@@ -152,8 +153,13 @@ def test_every_post_request_body_schema_has_an_example(spec: dict[str, Any]) -> 
 
 
 def file_body(op: dict[str, Any]) -> bool:
-    """A file upload: no JSON body, and every media type it takes is documented as binary."""
+    """A body that is not one of our JSON schemas: a file upload (every media type it takes is
+    documented as binary), or an OpenAI-compatible request (documented by an example; the
+    format is OpenAI's)."""
     content = op["requestBody"]["content"]
+    if "openai-compatible" in op.get("tags", []):
+        assert content["application/json"].get("example"), op.get("summary")
+        return True
     if "application/json" in content:
         return False
     for media, entry in content.items():

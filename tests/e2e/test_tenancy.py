@@ -76,6 +76,9 @@ EXEMPT: dict[tuple[str, str], str] = {
     ("PUT", "/internal/v1/orgs/{org_id}/quotas"):
         "operator route behind the internal token (never routed by the gateway); "
         "see test_inventory",
+    ("GET", "/internal/v1/orgs/{org_id}/quotas/{resource}"):
+        "service-to-service quota read behind the internal token (never routed by the "
+        "gateway); see test_inventory",
     ("GET", "/internal/v1/orgs/{org_id}/projects/{project_id}"):
         "service-to-service lookup behind the internal token (never routed by the gateway); "
         "it answers only whether the project is the named org's; see test_inventory",
