@@ -78,13 +78,13 @@ def emb(workers: dict[str, Worker]) -> str:
 
 
 def post(url: str, body: dict[str, Any], **kw: Any) -> httpx.Response:
-    return httpx.post(url, json=body, timeout=60, **kw)
+    return httpx.post(url, json=body, timeout=300, **kw)
 
 
 def stream_events(url: str, body: dict[str, Any]) -> list[Any]:
     """The SSE `data:` payloads of a streamed request, "[DONE]" kept as a string."""
     out: list[Any] = []
-    with httpx.stream("POST", url, json=body, timeout=60) as r:
+    with httpx.stream("POST", url, json=body, timeout=300) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
         for line in r.iter_lines():
@@ -269,7 +269,7 @@ def test_bad_input_is_an_openai_400(workers: dict[str, Worker], kind: str, path:
 def test_client_leaving_mid_stream_frees_the_replica(chat: str) -> None:
     body = {"messages": [{"role": "user", "content": "Write a very long story."}],
             "max_tokens": 1500, "logit_bias": NO_EOS, "stream": True}
-    with httpx.stream("POST", f"{chat}/v1/chat/completions", json=body, timeout=30) as r:
+    with httpx.stream("POST", f"{chat}/v1/chat/completions", json=body, timeout=300) as r:
         seen = 0
         for line in r.iter_lines():
             seen += line.startswith("data: ")
@@ -289,7 +289,7 @@ async def test_tenants_are_served_round_robin(chat: str) -> None:
     finished: list[str] = []
     body = {"messages": [{"role": "user", "content": "Tell me a story."}], "max_tokens": 24,
             "logit_bias": NO_EOS}
-    async with httpx.AsyncClient(base_url=chat, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=chat, timeout=300) as client:
 
         async def ask(tenant: str) -> None:
             r = await client.post("/v1/chat/completions", json=body,
@@ -364,7 +364,7 @@ def test_batch_matches_single_inputs(emb: str) -> None:
 async def test_concurrent_embedding_requests(emb: str) -> None:
     texts = [f"Request {i}: " + ("dogs bark" if i % 3 else "rain falls") for i in range(20)]
     expected = {t: vectors(embed(emb, [t, t + " again"])) for t in texts}
-    async with httpx.AsyncClient(base_url=emb, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=emb, timeout=300) as client:
         responses = await asyncio.gather(*(
             client.post("/v1/embeddings", json={"input": [t, t + " again"]}) for t in texts))
     for t, r in zip(texts, responses, strict=True):
