@@ -90,6 +90,9 @@ def main() -> None:
         "WB_JWKS_URL": f"http://127.0.0.1:{user_port}/.well-known/jwks.json",
         "WB_ACCESS_LOG": "false", "WB_LOG_LEVEL": "WARNING",
         "WB_RATE_LIMIT_AUTHENTICATED": "100000000/60",
+        # Its own Redis db: the anonymous per-IP budget of 127.0.0.1 is not shared with other
+        # gateways on the machine (the sign-up below spends it).
+        "WB_REDIS_URL": "redis://127.0.0.1:6379/14",
     })
     subprocess.run([*WB, "migrate"], env=env, check=True, capture_output=True)
     procs = [
