@@ -21,7 +21,13 @@ from starlette.routing import compile_path
 from workbench.errors import WorkbenchError
 from workbench.middleware import RequestMiddleware
 from workbench.observability import setup_logging, setup_tracing
-from workbench.problems import PROBLEM_CONTENT_TYPE, Problem, problem_body
+from workbench.problems import (
+    PROBLEM_CONTENT_TYPE,
+    Problem,
+    is_openai_path,
+    openai_error_body,
+    problem_body,
+)
 from workbench.settings import CoreSettings
 
 log = logging.getLogger("workbench.app")
@@ -60,27 +66,42 @@ def _field_path(loc: Sequence[Any]) -> str:
     return ".".join(parts) or "body"
 
 
+def error_response(request: Request, status: int, code: str, title: str, detail: str, *,
+                   headers: dict[str, str] | None = None, **extra: Any) -> Response:
+    """problem+json — or, on the OpenAI-compatible routes (/v1/…), OpenAI's error shape, which
+    their clients parse (the gateway answers those paths the same way)."""
+    if is_openai_path(request.url.path):
+        param = extra.get("param") or extra.get("field")
+        return JSONResponse(openai_error_body(status, code, detail, param=param),
+                            status_code=status, headers=headers)
+    return problem(status, code, title, detail, headers=headers, **extra)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WorkbenchError)
-    async def on_domain_error(_: Request, exc: WorkbenchError) -> Response:
-        return problem(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers,
-                       **exc.extra)
+    async def on_domain_error(request: Request, exc: WorkbenchError) -> Response:
+        return error_response(request, exc.status, exc.code, exc.title, exc.detail,
+                              headers=exc.headers, **exc.extra)
 
     @app.exception_handler(RequestValidationError)
-    async def on_validation_error(_: Request, exc: RequestValidationError) -> Response:
+    async def on_validation_error(request: Request, exc: RequestValidationError) -> Response:
         errors = exc.errors()
         for err in errors:
             if err.get("type") == "json_invalid":
                 ctx = err.get("ctx") or {}
-                return problem(400, "malformed_json", "Malformed JSON",
-                               f"request body is not valid JSON: {ctx.get('error', 'parse error')}"
-                               f" at position {err.get('loc', ['', '?'])[-1]}")
+                return error_response(
+                    request, 400, "malformed_json", "Malformed JSON",
+                    f"request body is not valid JSON: {ctx.get('error', 'parse error')}"
+                    f" at position {err.get('loc', ['', '?'])[-1]}")
         fields = [
             {"field": _field_path(e.get("loc", ())), "message": e.get("msg", ""),
              "type": e.get("type", "")}
             for e in errors
         ]
         summary = "; ".join(f"{f['field']}: {f['message']}" for f in fields[:5])
+        if is_openai_path(request.url.path):  # OpenAI's clients know 400 for bad values
+            return error_response(request, 400, "invalid_request", "Bad request", summary,
+                                  param=fields[0]["field"] if fields else None)
         return problem(422, "validation_failed", "Validation failed", summary, errors=fields)
 
     @app.exception_handler(StarletteHTTPException)
@@ -91,20 +112,21 @@ def install_error_handlers(app: FastAPI) -> None:
             # Starlette names only the first matching route's methods; RFC 9110 wants all.
             allowed = _allowed_methods(request)
             detail = f"{request.method} is not allowed here; use {', '.join(allowed)}"
-            return problem(405, code, title, detail, headers={"allow": ", ".join(allowed)})
+            return error_response(request, 405, code, title, detail,
+                                  headers={"allow": ", ".join(allowed)})
         if exc.status_code == 404 and detail == "Not Found":
             detail = "no such route; see /docs for the API"
         if exc.status_code == 400 and "parsing the body" in detail:
             code, title = "malformed_body", "Malformed body"
-        return problem(exc.status_code, code, title, detail,
-                       headers=dict(exc.headers) if exc.headers else None)
+        return error_response(request, exc.status_code, code, title, detail,
+                              headers=dict(exc.headers) if exc.headers else None)
 
     @app.exception_handler(Exception)
-    async def on_unexpected(_: Request, exc: Exception) -> Response:
+    async def on_unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
-        return problem(500, "internal_error", "Internal error",
-                       "the server failed to handle this request; it has been logged "
-                       "under the request id")
+        return error_response(request, 500, "internal_error", "Internal error",
+                              "the server failed to handle this request; it has been logged "
+                              "under the request id")
 
 
 def iter_routes(app: FastAPI) -> list[tuple[str, frozenset[str]]]:

@@ -63,24 +63,20 @@ PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 
 def problem_response(description: str) -> dict[str, Any]:
-    """An OpenAPI response entry for an error status of a route (beyond PROBLEM_RESPONSES)."""
-    return _resp(0, description)
-
-
-def _resp(status: int, description: str) -> dict[str, Any]:
-    # The schema sits under the media type actually served; the app factory adds `Problem`
-    # to the components (FastAPI would file a `model` under application/json).
+    """The OpenAPI entry of an error response of a route (PROBLEM_RESPONSES has the usual ones).
+    The schema sits under the media type actually served; the app factory adds `Problem` to the
+    components (FastAPI would file a `model` under application/json)."""
     return {"description": description,
             "content": {PROBLEM_CONTENT_TYPE: {"schema": PROBLEM_REF}}}
 
 
 # Added to every router so the OpenAPI documents the error shape of each route.
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    401: _resp(401, "Missing or invalid credentials"),
-    403: _resp(403, "The caller lacks the permission"),
-    404: _resp(404, "Not found, or not in the caller's organization"),
-    422: _resp(422, "The request did not validate; `errors` names each field"),
-    429: _resp(429, "Rate limit or quota exceeded; see Retry-After"),
+    401: problem_response("Missing or invalid credentials"),
+    403: problem_response("The caller lacks the permission"),
+    404: problem_response("Not found, or not in the caller's organization"),
+    422: problem_response("The request did not validate; `errors` names each field"),
+    429: problem_response("Rate limit or quota exceeded; see Retry-After"),
 }
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 from fastapi import Query
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
 T = TypeVar("T")
 
@@ -15,6 +15,25 @@ class RequestModel(BaseModel):
     stripped."""
 
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+
+def example(values: dict[str, Any]) -> ConfigDict:
+    """A model config that documents one example in the OpenAPI schema."""
+    return ConfigDict(json_schema_extra={"examples": [values]})
+
+
+class PartialUpdate(RequestModel):
+    """A partial update: omit a field to keep it; `null` is refused for the fields named in
+    `_not_null` (those whose value must exist)."""
+
+    _not_null: ClassVar[tuple[str, ...]] = ()
+
+    @model_validator(mode="after")
+    def _refuse_nulls(self) -> PartialUpdate:
+        for name in self._not_null:
+            if name in self.model_fields_set and getattr(self, name) is None:
+                raise ValueError(f"{name} cannot be null; omit it to keep the current value")
+        return self
 
 
 class ResponseModel(BaseModel):

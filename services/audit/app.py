@@ -22,7 +22,7 @@ from workbench.events.bus import ConsumerOptions, EventBus
 from workbench.events.envelope import EventEnvelope
 from workbench.events.factory import bus_from_settings
 from workbench.events.outbox import OutboxRelay
-from workbench.identity.tokens import JwksSource, TokenVerifier, http_jwks_source
+from workbench.identity.tokens import JwksSource, verifier_for_service
 from workbench.storage import object_store_from_settings
 
 NAME = "audit"
@@ -55,13 +55,9 @@ def create_app(settings: AuditSettings | None = None, *, bus: EventBus | None = 
         consumer = await event_bus.subscribe_batch(
             CONSUMER, SUBJECT, record, ConsumerOptions(batch=settings.audit_batch_size))
         retention = asyncio.create_task(_retention_loop(service, settings), name="retention")
-        source = jwks or http_jwks_source(settings.jwks_url)
         app.state.db = db
         app.state.audit_service = service
-        app.state.verifier = TokenVerifier(
-            source, issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience, leeway_s=settings.jwt_leeway_s,
-            min_refresh_interval_s=settings.jwks_min_refresh_interval_s)
+        app.state.verifier = verifier_for_service(settings, jwks)
         app.state.readiness.update({"database": db.ping, "bus": event_bus.ping,
                                     "object_store": store.ping})
         try:

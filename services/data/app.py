@@ -30,7 +30,7 @@ from workbench.db import Database
 from workbench.events.bus import EventBus
 from workbench.events.factory import bus_from_settings
 from workbench.events.outbox import OutboxRelay
-from workbench.identity.tokens import JwksSource, TokenVerifier, http_jwks_source
+from workbench.identity.tokens import JwksSource, verifier_for_service
 from workbench.internal import INTERNAL_TOKEN_HEADER
 from workbench.storage import object_store_from_settings
 
@@ -73,10 +73,7 @@ def create_app(settings: DataSettings | None = None, *, bus: EventBus | None = N
         app.state.data_uploads = uploads
         app.state.data_transforms = transforms
         app.state.data_annotations = Annotations(service, transforms)
-        app.state.verifier = TokenVerifier(
-            jwks or http_jwks_source(settings.jwks_url), issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience, leeway_s=settings.jwt_leeway_s,
-            min_refresh_interval_s=settings.jwks_min_refresh_interval_s)
+        app.state.verifier = verifier_for_service(settings, jwks)
         app.state.readiness.update({"database": db.ping, "bus": event_bus.ping,
                                     "object_store": store.ping})
         try:

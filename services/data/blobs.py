@@ -18,9 +18,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from services.data import crypto
 from services.data.models import DatasetVersion, OrgKey
 from workbench.db import Database, utcnow
-from workbench.storage import ObjectStore
-
-_READ = 1 << 20
+from workbench.storage import ObjectStore, file_chunks
 
 
 class Blobs:
@@ -63,7 +61,7 @@ class Blobs:
             return info.size
         dek = await self.data_key(org_id)
         info = await self.store.put_stream(
-            key, crypto.encrypt_stream(_file_chunks(path), dek),
+            key, crypto.encrypt_stream(file_chunks(path), dek),
             content_type="application/octet-stream")
         return info.size
 
@@ -99,11 +97,3 @@ class Blobs:
     async def delete(self, key: str) -> None:
         await self.store.delete(key)
 
-
-async def _file_chunks(path: Path) -> AsyncIterator[bytes]:
-    f = await anyio.open_file(path, "rb")
-    try:
-        while data := await f.read(_READ):
-            yield data
-    finally:
-        await f.aclose()

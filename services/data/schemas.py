@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
-from workbench.schemas import RequestModel
+from workbench.schemas import PartialUpdate, RequestModel, example
 
 Name = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Tag = Annotated[str, StringConstraints(min_length=1, max_length=50, pattern=r"^[^\s,]+$")]
@@ -18,25 +18,10 @@ Strategy = Literal["redact", "partial", "hash"]
 Note = Annotated[str, StringConstraints(max_length=2000)]
 
 
-def _ex(example: dict[str, Any]) -> ConfigDict:
-    return ConfigDict(json_schema_extra={"examples": [example]})
-
-
-class _NoNulls(RequestModel):
-    """A partial update: omit a field to keep it; `null` is refused where a value must exist."""
-
-    _not_null: ClassVar[tuple[str, ...]] = ()
-
-    @model_validator(mode="after")
-    def _refuse_nulls(self) -> _NoNulls:
-        for name in self._not_null:
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null; omit it to keep the current value")
-        return self
 
 
 class DatasetCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "project_id": "01a207b0-5d1c-7f3e-9a44-2f1e6c9b7a10", "name": "support-tickets",
         "description": "Tickets of 2025, one row per ticket", "tags": ["support", "2025"],
         "sensitive": True})
@@ -48,8 +33,8 @@ class DatasetCreate(RequestModel):
     sensitive: bool = False
 
 
-class DatasetUpdate(_NoNulls):
-    model_config = RequestModel.model_config | _ex({"description": "Tickets 2025, cleaned",
+class DatasetUpdate(PartialUpdate):
+    model_config = RequestModel.model_config | example({"description": "Tickets 2025, cleaned",
                                                     "tags": ["support"]})
     _not_null = ("name", "description", "tags", "sensitive")
 
@@ -60,7 +45,7 @@ class DatasetUpdate(_NoNulls):
 
 
 class DatasetRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a207b1-…", "org_id": "01a207ae-…", "project_id": "01a207b0-…",
         "owner_id": "01a207ae-…", "name": "support-tickets", "description": "",
         "tags": ["support"], "sensitive": True, "status": "ready", "latest_version": 2,
@@ -88,7 +73,7 @@ class DatasetRead(BaseModel):
 
 
 class VersionRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a207b2-…", "dataset_id": "01a207b1-…", "number": 1,
         "filename": "tickets.csv", "format": "csv", "content_type": "text/csv",
         "size_bytes": 2048000, "sha256": "9f86d081…", "encrypted": True,
@@ -133,7 +118,7 @@ class VersionRead(BaseModel):
 
 
 class PreviewPage(BaseModel):
-    model_config = _ex({"number": 1, "offset": 0, "rows": [{"ticket_id": 1, "body": "…"}],
+    model_config = example({"number": 1, "offset": 0, "rows": [{"ticket_id": 1, "body": "…"}],
                         "kept": 100, "row_count": 1200})
 
     number: int
@@ -162,7 +147,7 @@ class LineageEdge(BaseModel):
 
 
 class Lineage(BaseModel):
-    model_config = _ex({
+    model_config = example({
         "dataset_id": "01a207b1-…",
         "nodes": [{"version_id": "01a207b2-…", "dataset_id": "01a207b1-…",
                    "dataset_name": "tickets", "number": 1, "format": "csv",
@@ -181,7 +166,7 @@ class Lineage(BaseModel):
 
 
 class UploadCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "filename": "events-2025.jsonl", "size": 5368709120, "format": "jsonl",
         "note": "full year"})
 
@@ -192,7 +177,7 @@ class UploadCreate(RequestModel):
 
 
 class UploadRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a207c0-…", "dataset_id": "01a207b1-…", "filename": "events-2025.jsonl",
         "size": 5368709120, "received": 268435456, "status": "open",
         "expires_at": "2026-11-24T10:00:00Z", "version_id": None})
@@ -208,7 +193,7 @@ class UploadRead(BaseModel):
 
 
 class UploadComplete(RequestModel):
-    model_config = RequestModel.model_config | _ex({"note": "full year"})
+    model_config = RequestModel.model_config | example({"note": "full year"})
 
     note: Note | None = None
 
@@ -221,7 +206,7 @@ class MaskColumn(RequestModel):
 
 
 class MaskRequest(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "strategy": "partial", "note": "shareable copy",
         "columns": [{"column": "customer_name", "whole_value": True},
                     {"column": "notes", "strategy": "redact"}]})
@@ -241,7 +226,7 @@ class PiiColumn(BaseModel):
 
 
 class PiiReport(BaseModel):
-    model_config = _ex({
+    model_config = example({
         "version_id": "01a207b2-…", "number": 1, "rows_scanned": 1200,
         "scanned_at": "2026-11-23T10:06:00Z", "totals": {"email": 1180, "phone": 14},
         "columns": [{"column": "contact", "kinds": {"email": 1180}, "values_scanned": 1200,
@@ -256,7 +241,7 @@ class PiiReport(BaseModel):
 
 
 class TaskCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "name": "Ticket intent", "labels": ["billing", "bug", "how-to"], "version": 2,
         "instructions": "One intent per ticket", "assignee_id": None})
 
@@ -267,8 +252,8 @@ class TaskCreate(RequestModel):
     assignee_id: uuid.UUID | None = None
 
 
-class TaskUpdate(_NoNulls):
-    model_config = RequestModel.model_config | _ex({"status": "completed"})
+class TaskUpdate(PartialUpdate):
+    model_config = RequestModel.model_config | example({"status": "completed"})
     _not_null = ("name", "status", "instructions")
 
     name: Name | None = None
@@ -278,7 +263,7 @@ class TaskUpdate(_NoNulls):
 
 
 class TaskRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a207d0-…", "dataset_id": "01a207b1-…", "version_id": "01a207b2-…",
         "name": "Ticket intent", "instructions": "", "task_type": "classification",
         "labels": ["billing", "bug", "how-to"], "assignee_id": None, "status": "in_progress",
@@ -309,7 +294,7 @@ class LabelItem(RequestModel):
 
 
 class LabelsSet(RequestModel):
-    model_config = RequestModel.model_config | _ex({"items": [{"row": 0, "label": "billing"},
+    model_config = RequestModel.model_config | example({"items": [{"row": 0, "label": "billing"},
                                                               {"row": 1, "label": "bug"}]})
 
     items: Annotated[list[LabelItem], Field(min_length=1, max_length=5000)]
@@ -330,7 +315,7 @@ class LabelPage(BaseModel):
 
 
 class ExportRequest(RequestModel):
-    model_config = RequestModel.model_config | _ex({"only_labelled": True,
+    model_config = RequestModel.model_config | example({"only_labelled": True,
                                                     "note": "intent labels, round 1"})
 
     only_labelled: bool = False

@@ -4,7 +4,6 @@ hashed with the org's salt) whose lineage names the version it came from."""
 
 from __future__ import annotations
 
-import hashlib
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +24,7 @@ from services.data.service import (
 from workbench.db import utcnow
 from workbench.errors import Conflict, ValidationFailed
 from workbench.identity.principal import Principal
+from workbench.storage import file_sha256
 
 T = TypeVar("T")
 
@@ -145,14 +145,5 @@ def _write_transformed(src: Path, fmt: str, dest: Path,
             writer.close()
     if writer is None:
         raise ValidationFailed("the version has no rows to transform", code="no_rows")
-    return file_digest(dest)
+    return dest.stat().st_size, file_sha256(dest)
 
-
-def file_digest(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as f:
-        while data := f.read(1 << 20):
-            digest.update(data)
-            size += len(data)
-    return size, digest.hexdigest()

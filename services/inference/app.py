@@ -6,13 +6,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import httpx
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import FastAPI
 
 from services.inference.api import router
 from services.inference.events import Events
@@ -29,13 +25,11 @@ from services.inference.usage import Metering
 from workbench.app import create_app as create_service_app
 from workbench.client import ServiceClient
 from workbench.db import Database
-from workbench.errors import WorkbenchError
 from workbench.events.bus import EventBus
 from workbench.events.factory import bus_from_settings
 from workbench.events.outbox import OutboxRelay
-from workbench.identity.tokens import JwksSource, TokenVerifier, http_jwks_source
+from workbench.identity.tokens import JwksSource, verifier_for_service
 from workbench.internal import INTERNAL_TOKEN_HEADER
-from workbench.problems import is_openai_path, openai_error_body
 
 NAME = "inference"
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -67,12 +61,12 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
             "local": LocalRuntime(logs, default_n_ctx=settings.inference_default_n_ctx,
                                   threads=settings.inference_worker_threads),
             "openai": OpenAIRuntime(), "vllm": VllmRuntime(logs)}
-        supervisor = Supervisor(settings, runtimes, on_status)
+        metrics = Metrics()
+        supervisor = Supervisor(settings, runtimes, on_status, metrics)
         service = InferenceService(settings, db, supervisor, events)
         user_client = ServiceClient(
             "user", settings.user_url, transport=user_transport,
             default_headers={INTERNAL_TOKEN_HEADER: settings.internal_token.get_secret_value()})
-        metrics = Metrics()
         relay = OutboxRelay(db, event_bus, EVENT_TABLES, batch_size=settings.outbox_batch_size,
                             poll_interval_s=settings.outbox_poll_interval_s)
         relay.start()
@@ -87,10 +81,7 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
         app.state.metering = Metering(db, events, metrics, user_client,
                                       cache_s=settings.inference_quota_cache_s)
         app.state.replica_http = replica_http
-        app.state.verifier = TokenVerifier(
-            jwks or http_jwks_source(settings.jwks_url), issuer=settings.jwt_issuer,
-            audience=settings.jwt_audience, leeway_s=settings.jwt_leeway_s,
-            min_refresh_interval_s=settings.jwks_min_refresh_interval_s)
+        app.state.verifier = verifier_for_service(settings, jwks)
         app.state.readiness.update({"database": db.ping, "bus": event_bus.ping})
         if settings.inference_resume_deployments:
             await service.resume()
@@ -105,47 +96,11 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
             await user_client.aclose()
             await db.dispose()
 
-    app = create_service_app(
+    return create_service_app(
         service=NAME, settings=settings, routers=[router, openai_router], lifespan=lifespan,
         title="xai-workbench inference service",
         description="Serves models: a catalog of built-in and external models, deployments on "
                     "local, OpenAI-compatible and vLLM runtimes with health checks, an "
                     "OpenAI-compatible API, traffic splitting, metrics, metering and content "
                     "safety.")
-    _openai_errors(app)
-    return app
 
-
-def _openai_errors(app: FastAPI) -> None:
-    """On /v1/… the library's problem+json errors become OpenAI's error shape."""
-    defaults: dict[Any, Any] = dict(app.exception_handlers)
-
-    def wrap(exc_type: Any) -> None:
-        fallback = defaults[exc_type]
-
-        async def handler(request: Request, exc: Any) -> Response:
-            if not is_openai_path(request.url.path):
-                return await fallback(request, exc)  # type: ignore[no-any-return]
-            status, code, message, param = 500, "internal_error", "internal error", None
-            headers: dict[str, str] = {}
-            if isinstance(exc, WorkbenchError):
-                status, code, message = exc.status, exc.code, exc.detail
-                param = exc.extra.get("param") or exc.extra.get("field")
-                headers = exc.headers
-            elif isinstance(exc, RequestValidationError):
-                err = exc.errors()[0]
-                status, code = 400, "invalid_request"
-                param = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or None
-                message = f"{param}: {err.get('msg')}" if param else str(err.get("msg"))
-            elif isinstance(exc, StarletteHTTPException):
-                status, code = exc.status_code, "not_found" if exc.status_code == 404 \
-                    else "http_error"
-                message = str(exc.detail) if exc.status_code != 404 else \
-                    f"no such route: {request.url.path}"
-            return JSONResponse(openai_error_body(status, code, message, param=param),
-                                status_code=status, headers=headers)
-
-        app.add_exception_handler(exc_type, handler)
-
-    for exc_type in (WorkbenchError, RequestValidationError, StarletteHTTPException):
-        wrap(exc_type)

@@ -17,12 +17,13 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.background import BackgroundTask
 
 from services.inference import safety
 from services.inference.runtimes.base import Replica
 from services.inference.service import InferenceService
 from services.inference.supervisor import NoReplica
-from services.inference.usage import Metering
+from services.inference.usage import Call, Metering
 from workbench.errors import WorkbenchError
 from workbench.identity.deps import require
 from workbench.identity.principal import Principal
@@ -171,7 +172,7 @@ async def _serve(request: Request, p: Principal, body: BaseModel, endpoint: str)
     return await _once(request, call, replica, endpoint, payload, policy)
 
 
-async def _guard_input(call: Any, policy: safety.Policy, payload: dict[str, Any],
+async def _guard_input(call: Call, policy: safety.Policy, payload: dict[str, Any],
                        endpoint: str) -> dict[str, Any]:
     if endpoint == "chat/completions":
         verdict, messages = policy.check_messages(payload["messages"])
@@ -194,7 +195,7 @@ async def _guard_input(call: Any, policy: safety.Policy, payload: dict[str, Any]
     return payload
 
 
-async def _once(request: Request, call: Any, replica: Replica, endpoint: str,
+async def _once(request: Request, call: Call, replica: Replica, endpoint: str,
                 payload: dict[str, Any], policy: safety.Policy) -> Response:
     client: httpx.AsyncClient = request.app.state.replica_http
     replica.inflight += 1
@@ -227,12 +228,14 @@ async def _once(request: Request, call: Any, replica: Replica, endpoint: str,
                                   f"{verdict.blocked_by.rule_name!r}")
             holder[key] = verdict.text
     data["model"] = call.model
-    await call.finish(ok=True, prompt_tokens=usage.get("prompt_tokens", 0),
-                      completion_tokens=usage.get("completion_tokens", 0))
-    return Response(orjson.dumps(data), media_type="application/json")
+    call.record(ok=True, prompt_tokens=usage.get("prompt_tokens", 0),
+                completion_tokens=usage.get("completion_tokens", 0))
+    # The usage event and the quota update are written after the answer is sent.
+    return Response(orjson.dumps(data), media_type="application/json",
+                    background=BackgroundTask(call.flush))
 
 
-async def _stream(request: Request, call: Any, replica: Replica, endpoint: str,
+async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
                   payload: dict[str, Any], policy: safety.Policy, wants_usage: bool
                   ) -> AsyncIterator[bytes]:
     client: httpx.AsyncClient = request.app.state.replica_http
@@ -311,7 +314,7 @@ def _guard_chunk(chunk: dict[str, Any], guard: safety.StreamGuard) -> None:
             holder[key] = out
 
 
-def _headers(call: Any, replica: Replica) -> dict[str, str]:
+def _headers(call: Call, replica: Replica) -> dict[str, str]:
     return {**replica.headers(), "x-wb-tenant": str(call.org_id),
             "x-request-id": call.request_id or uuid.uuid4().hex}
 

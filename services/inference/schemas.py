@@ -4,21 +4,18 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints, model_validator
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, StringConstraints
 
-from workbench.schemas import RequestModel
+from workbench.schemas import PartialUpdate, RequestModel, example
 
 Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")]
 
 
-def _ex(example: dict[str, Any]) -> ConfigDict:
-    return ConfigDict(json_schema_extra={"examples": [example]})
-
 
 class ModelRegister(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "name": "gpt-4o-mini", "kind": "chat", "base_url": "https://api.openai.com/v1",
         "remote_model": "gpt-4o-mini", "api_key": "sk-…", "context_length": 128000})
 
@@ -33,7 +30,7 @@ class ModelRegister(RequestModel):
 
 
 class ModelRead(BaseModel):
-    model_config = _ex({
+    model_config = example({
         "id": "builtin:smollm2-135m-instruct", "name": "smollm2-135m-instruct",
         "kind": "chat", "source": "builtin", "description": "SmolLM2 135M Instruct",
         "context_length": 8192, "dimensions": None, "runtimes": ["local"], "base_url": None,
@@ -61,7 +58,7 @@ class Resources(RequestModel):
 
 
 class DeploymentCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "name": "assistant", "model": "builtin:smollm2-135m-instruct", "runtime": "local",
         "replicas": 2, "resources": {"cpu": 2}, "settings": {"n_ctx": 2048},
         "description": "support assistant"})
@@ -80,19 +77,9 @@ class DeploymentCreate(RequestModel):
     description: Annotated[str, StringConstraints(max_length=2000)] = ""
 
 
-class _NoNulls(RequestModel):
-    _not_null: ClassVar[tuple[str, ...]] = ()
 
-    @model_validator(mode="after")
-    def _refuse_nulls(self) -> _NoNulls:
-        for name in self._not_null:
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null; omit it to keep the current value")
-        return self
-
-
-class DeploymentUpdate(_NoNulls):
-    model_config = RequestModel.model_config | _ex({"description": "support assistant v2"})
+class DeploymentUpdate(PartialUpdate):
+    model_config = RequestModel.model_config | example({"description": "support assistant v2"})
     _not_null = ("name", "description")
 
     name: Name | None = None
@@ -100,7 +87,7 @@ class DeploymentUpdate(_NoNulls):
 
 
 class ScaleRequest(RequestModel):
-    model_config = RequestModel.model_config | _ex({"replicas": 3})
+    model_config = RequestModel.model_config | example({"replicas": 3})
 
     replicas: int = Field(ge=1, le=16)
 
@@ -115,7 +102,7 @@ class ReplicaRead(BaseModel):
 
 
 class DeploymentRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a20900-…", "name": "assistant", "model": "builtin:smollm2-135m-instruct",
         "model_version": "", "kind": "chat", "runtime": "local", "replicas": 2,
         "resources": {"cpu": 2}, "settings": {"n_ctx": 2048}, "status": "running",
@@ -151,7 +138,7 @@ class Percentiles(BaseModel):
 
 
 class MetricsRead(BaseModel):
-    model_config = _ex({
+    model_config = example({
         "requests": 1000, "errors": 2, "error_rate": 0.002, "prompt_tokens": 52000,
         "completion_tokens": 31000, "latency_ms": {"p50": 420.0, "p95": 900.0, "p99": 1300.0},
         "time_to_first_token_ms": {"p50": 35.0, "p95": 80.0, "p99": 120.0},
@@ -177,7 +164,7 @@ class Arm(RequestModel):
 
 
 class RouteCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "name": "assistant-ab", "arms": [{"deployment_id": "01a20900-…", "weight": 90},
                                          {"deployment_id": "01a20901-…", "weight": 10}]})
 
@@ -186,7 +173,7 @@ class RouteCreate(RequestModel):
 
 
 class RouteUpdate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "arms": [{"deployment_id": "01a20900-…", "weight": 50},
                  {"deployment_id": "01a20901-…", "weight": 50}]})
 
@@ -194,7 +181,7 @@ class RouteUpdate(RequestModel):
 
 
 class RouteRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a20910-…", "name": "assistant-ab",
         "arms": [{"deployment_id": "01a20900-…", "weight": 90}],
         "created_by": "user:01a2…", "created_at": "2026-11-23T12:00:00Z",
@@ -209,7 +196,7 @@ class RouteRead(BaseModel):
 
 
 class RuleCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({
+    model_config = RequestModel.model_config | example({
         "name": "no card numbers out", "stage": "output", "kind": "pii",
         "patterns": ["bank_card", "cn_resident_id"], "action": "redact"})
 
@@ -223,8 +210,8 @@ class RuleCreate(RequestModel):
     enabled: bool = True
 
 
-class RuleUpdate(_NoNulls):
-    model_config = RequestModel.model_config | _ex({"enabled": False})
+class RuleUpdate(PartialUpdate):
+    model_config = RequestModel.model_config | example({"enabled": False})
     _not_null = ("name", "stage", "kind", "patterns", "action", "replacement", "enabled")
 
     name: Annotated[str, StringConstraints(min_length=1, max_length=200)] | None = None
@@ -238,7 +225,7 @@ class RuleUpdate(_NoNulls):
 
 
 class RuleRead(BaseModel):
-    model_config = ConfigDict(from_attributes=True) | _ex({
+    model_config = ConfigDict(from_attributes=True) | example({
         "id": "01a20920-…", "name": "no card numbers out", "stage": "output", "kind": "pii",
         "patterns": ["bank_card"], "action": "redact", "replacement": "[REDACTED]",
         "enabled": True, "created_by": "user:01a2…", "created_at": "2026-11-23T12:00:00Z",

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
+from services.inference.metrics import Metrics
 from services.inference.runtimes.base import DeploymentSpec, Replica, Runtime
 from services.inference.settings import InferenceSettings
 
@@ -36,8 +37,9 @@ class _Deployment:
 
 class Supervisor:
     def __init__(self, settings: InferenceSettings, runtimes: dict[str, Runtime],
-                 on_status: StatusCallback) -> None:
+                 on_status: StatusCallback, metrics: Metrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.runtimes = runtimes
         self.on_status = on_status
         self.deployments: dict[str, _Deployment] = {}
@@ -160,6 +162,9 @@ class Supervisor:
             try:
                 info = await dep.runtime.health(replica, self._http)
                 replica.queue_depth = int(info.get("queue_depth", 0) or 0)
+                if self.metrics is not None:
+                    self.metrics.queue_depth(dep.spec.id, sum(
+                        r.queue_depth for r in dep.replicas.values()))
                 replica.failures = 0
                 if replica.status != "ready":
                     replica.status = "ready"
@@ -178,23 +183,21 @@ class Supervisor:
 
     async def _refresh(self, dep: _Deployment, *, give_up: bool = False) -> None:
         if give_up:
-            status = "failed"
+            await self._set_status(dep, "failed", dep.reason)
         elif any(r.status == "ready" for r in dep.replicas.values()):
-            status, dep.reason = "running", ""
+            await self._set_status(dep, "running", "")
         else:
-            status = "deploying"
-        await self._set_status(dep, status, dep.reason)
+            await self._set_status(dep, "deploying", dep.reason)
 
     async def _set_status(self, dep: _Deployment, status: str, reason: str) -> None:
-        if (status, reason) == (dep.status, dep.reason) and status != "deploying":
+        """Report a change of the deployment's status (the service persists it)."""
+        if status == dep.status and status != "failed":
             return
-        changed = status != dep.status
         dep.status, dep.reason = status, reason
-        if changed or status == "failed":
-            try:
-                await self.on_status(dep.spec.id, status, reason)
-            except Exception:
-                log.exception("recording the status of deployment %s failed", dep.spec.id)
+        try:
+            await self.on_status(dep.spec.id, status, reason)
+        except Exception:
+            log.exception("recording the status of deployment %s failed", dep.spec.id)
 
     # ---- routing ---------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
 from services.inference import safety
 from services.inference.events import Events
@@ -83,6 +84,7 @@ class Call:
     request_id: str | None
     started: float = field(default_factory=time.perf_counter)
     done: bool = False
+    _usage: dict[str, Any] = field(default_factory=dict)
 
     async def safety_hits(self, hits: list[safety.Hit]) -> None:
         if not hits:
@@ -98,8 +100,16 @@ class Call:
     async def finish(self, *, ok: bool, prompt_tokens: int = 0, completion_tokens: int = 0,
                      first_token_at: float | None = None) -> None:
         """Metrics, the usage event and the quota — once per call, whatever happened."""
+        if self.record(ok=ok, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                       first_token_at=first_token_at):
+            await self.flush()
+
+    def record(self, *, ok: bool, prompt_tokens: int = 0, completion_tokens: int = 0,
+               first_token_at: float | None = None) -> bool:
+        """The call's metrics (in memory, at once); False if the call was already recorded.
+        `flush()` then writes what needs I/O — after the response, off the caller's path."""
         if self.done:
-            return
+            return False
         self.done = True
         latency = time.perf_counter() - self.started
         ttft = first_token_at - self.started if first_token_at is not None else None
@@ -107,16 +117,20 @@ class Call:
                                   ok=ok, latency_s=latency, ttft_s=ttft,
                                   prompt_tokens=prompt_tokens,
                                   completion_tokens=completion_tokens)
+        self._usage = {
+            "deployment_id": self.deployment_id, "model": self.model,
+            "route": self.route or "", "endpoint": self.endpoint, "key_id": self.key_id,
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "latency_ms": int(latency * 1000), "ok": ok}
+        return True
+
+    async def flush(self) -> None:
+        """The usage event and the tokens on the org's quota."""
         try:
             async with self.meter.db.transaction() as s:
-                await self.meter.events.usage(s, org_id=str(self.org_id), actor=self.actor, data={
-                    "deployment_id": self.deployment_id, "model": self.model,
-                    "route": self.route or "", "endpoint": self.endpoint,
-                    "key_id": self.key_id, "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "latency_ms": int(latency * 1000), "ok": ok})
-            await self.meter._record_tokens(self.org_id, prompt_tokens + completion_tokens)
+                await self.meter.events.usage(s, org_id=str(self.org_id), actor=self.actor,
+                                              data=self._usage)
+            await self.meter._record_tokens(
+                self.org_id, self._usage["prompt_tokens"] + self._usage["completion_tokens"])
         except Exception:
             log.exception("metering a call to %s failed", self.model)
-
-

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, ClassVar
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, EmailStr, Field, StringConstraints, model_validator
+from pydantic import BaseModel, EmailStr, Field, StringConstraints
 
 from workbench.identity.principal import Role
-from workbench.schemas import RequestModel, ResponseModel
+from workbench.schemas import PartialUpdate, RequestModel, ResponseModel, example
 
 Username = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9_.-]{2,39}$")]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]{1,62}$")]
@@ -17,12 +17,9 @@ Password = Annotated[str, StringConstraints(min_length=10, max_length=256)]
 Name = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 
 
-def _ex(example: dict[str, Any]) -> ConfigDict:
-    return ConfigDict(json_schema_extra={"examples": [example]})
-
 
 class RegisterRequest(RequestModel):
-    model_config = RequestModel.model_config | _ex(
+    model_config = RequestModel.model_config | example(
         {"email": "ada@example.com", "username": "ada", "password": "correct horse battery",
          "display_name": "Ada Lovelace"}
     )
@@ -34,7 +31,7 @@ class RegisterRequest(RequestModel):
 
 
 class LoginRequest(RequestModel):
-    model_config = RequestModel.model_config | _ex(
+    model_config = RequestModel.model_config | example(
         {"email": "ada@example.com", "password": "correct horse battery"}
     )
 
@@ -48,7 +45,7 @@ class LoginRequest(RequestModel):
 
 
 class RefreshRequest(RequestModel):
-    model_config = RequestModel.model_config | _ex({"refresh_token": "wbr_3q2…"})
+    model_config = RequestModel.model_config | example({"refresh_token": "wbr_3q2…"})
 
     refresh_token: Annotated[str, StringConstraints(min_length=10, max_length=200)]
     org_id: uuid.UUID | None = Field(
@@ -59,13 +56,13 @@ class RefreshRequest(RequestModel):
 class LogoutRequest(RequestModel):
     """Without a refresh token, the session of the access token used is ended."""
 
-    model_config = RequestModel.model_config | _ex({"refresh_token": "wbr_3q2…"})
+    model_config = RequestModel.model_config | example({"refresh_token": "wbr_3q2…"})
 
     refresh_token: Annotated[str, StringConstraints(min_length=10, max_length=200)] | None = None
 
 
 class TokenPair(BaseModel):
-    model_config = _ex(
+    model_config = example(
         {"access_token": "eyJhbGciOiJSUzI1NiIs…", "refresh_token": "wbr_3q2…",
          "token_type": "bearer", "expires_in": 300, "refresh_expires_in": 2592000,
          "org_id": "0190d7a4-…", "role": "owner"}
@@ -81,7 +78,7 @@ class TokenPair(BaseModel):
 
 
 class UserRead(ResponseModel):
-    model_config = ResponseModel.model_config | _ex(
+    model_config = ResponseModel.model_config | example(
         {"id": "0190d7a4-…", "email": "ada@example.com", "username": "ada",
          "display_name": "Ada Lovelace", "created_at": "2026-11-23T09:00:00Z"}
     )
@@ -94,7 +91,7 @@ class UserRead(ResponseModel):
 
 
 class OrgRead(ResponseModel):
-    model_config = ResponseModel.model_config | _ex(
+    model_config = ResponseModel.model_config | example(
         {"id": "0190d7a4-…", "name": "Acme", "slug": "acme", "plan": "free", "settings": {},
          "created_at": "2026-11-23T09:00:00Z", "updated_at": "2026-11-23T09:00:00Z"}
     )
@@ -133,27 +130,15 @@ class MeResponse(BaseModel):
 
 
 class OrgCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex({"name": "Acme Research", "slug": "acme"})
+    model_config = RequestModel.model_config | example({"name": "Acme Research", "slug": "acme"})
 
     name: Name
     slug: Slug | None = None
 
 
-class _NoNulls(RequestModel):
-    """A partial update: omit a field to keep it; `null` is refused where a value must exist."""
 
-    _not_null: ClassVar[tuple[str, ...]] = ()
-
-    @model_validator(mode="after")
-    def _refuse_nulls(self) -> _NoNulls:
-        for name in self._not_null:
-            if name in self.model_fields_set and getattr(self, name) is None:
-                raise ValueError(f"{name} cannot be null; omit it to keep the current value")
-        return self
-
-
-class OrgUpdate(_NoNulls):
-    model_config = RequestModel.model_config | _ex({"name": "Acme Labs"})
+class OrgUpdate(PartialUpdate):
+    model_config = RequestModel.model_config | example({"name": "Acme Labs"})
     _not_null = ("name", "settings")
 
     name: Name | None = None
@@ -161,7 +146,8 @@ class OrgUpdate(_NoNulls):
 
 
 class MemberAdd(RequestModel):
-    model_config = RequestModel.model_config | _ex({"email": "bob@example.com", "role": "member"})
+    model_config = RequestModel.model_config | example(
+        {"email": "bob@example.com", "role": "member"})
 
     email: EmailStr
     role: Role = Role.MEMBER
@@ -181,7 +167,7 @@ class MemberRead(BaseModel):
 
 
 class ProjectCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex(
+    model_config = RequestModel.model_config | example(
         {"name": "Support bot", "slug": "support-bot", "description": "RAG over the manuals"}
     )
 
@@ -191,8 +177,9 @@ class ProjectCreate(RequestModel):
     settings: dict[str, Any] = Field(default_factory=dict)
 
 
-class ProjectUpdate(_NoNulls):
-    model_config = RequestModel.model_config | _ex({"description": "RAG over manuals and SOPs"})
+class ProjectUpdate(PartialUpdate):
+    model_config = RequestModel.model_config | example(
+        {"description": "RAG over manuals and SOPs"})
     _not_null = ("name", "settings")
 
     name: Name | None = None
@@ -213,7 +200,7 @@ class ProjectRead(ResponseModel):
 
 
 class ApiKeyCreate(RequestModel):
-    model_config = RequestModel.model_config | _ex(
+    model_config = RequestModel.model_config | example(
         {"name": "ci pipeline", "scopes": ["data:read", "inference:execute"],
          "expires_in_days": 90}
     )

@@ -18,6 +18,7 @@ from jwt.algorithms import RSAAlgorithm
 
 from workbench.errors import Unauthorized
 from workbench.identity.principal import Principal, Role
+from workbench.settings import AuthSettings
 
 KID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 ALLOWED_ALGS = frozenset({"RS256"})
@@ -168,3 +169,12 @@ def principal_from_claims(claims: dict[str, Any]) -> Principal:
         )
     except (KeyError, ValueError) as exc:
         raise Unauthorized("token claims are incomplete", code="invalid_token") from exc
+
+
+def verifier_for_service(settings: AuthSettings, jwks: JwksSource | None = None) -> TokenVerifier:
+    """The verifier of a service that checks the user service's tokens: keys from `jwks` (in
+    process, embedded mode) or fetched from `settings.jwks_url`."""
+    return TokenVerifier(jwks or http_jwks_source(settings.jwks_url),
+                         issuer=settings.jwt_issuer, audience=settings.jwt_audience,
+                         leeway_s=settings.jwt_leeway_s,
+                         min_refresh_interval_s=settings.jwks_min_refresh_interval_s)

@@ -7,6 +7,7 @@ holds what both backends share; the backends live in `local` and `s3`."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable
@@ -29,6 +30,8 @@ __all__ = [
     "ObjectInfo",
     "ObjectStore",
     "S3ObjectStore",
+    "file_chunks",
+    "file_sha256",
     "object_store_from_settings",
     "validate_key",
 ]
@@ -44,6 +47,25 @@ MAX_KEY_BYTES = 1024
 # of a few KiB, and one hop per piece would cost more than the I/O it does.
 _PIECE_SIZE = 1 << 20
 _FORBIDDEN_KEY_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
+async def file_chunks(path: Path, chunk_size: int = DEFAULT_CHUNK_SIZE) -> AsyncIterator[bytes]:
+    """A local file's bytes in chunks, read off the event loop."""
+    f = await anyio.open_file(path, "rb")
+    try:
+        while data := await f.read(chunk_size):
+            yield data
+    finally:
+        await f.aclose()
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a local file (blocking: call it in a thread)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while data := f.read(DEFAULT_CHUNK_SIZE):
+            digest.update(data)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,15 +229,7 @@ class ObjectStore(ABC):
         the caller already has it, saves a read of the file. Backends override this with their
         fastest whole-file path (a kernel copy, a parallel multipart upload)."""
 
-        async def chunks() -> AsyncIterator[bytes]:
-            f = await anyio.open_file(path, "rb")
-            try:
-                while data := await f.read(DEFAULT_CHUNK_SIZE):
-                    yield data
-            finally:
-                await f.aclose()
-
-        return await self.put_stream(key, chunks(), content_type=content_type)
+        return await self.put_stream(key, file_chunks(path), content_type=content_type)
 
     @abstractmethod
     def get_stream(

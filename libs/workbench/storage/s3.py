@@ -43,6 +43,7 @@ from workbench.storage import (
     _in_thread,
     _pieces,
     _validate_prefix,
+    file_sha256,
     validate_key,
 )
 
@@ -126,14 +127,6 @@ class _ChunkPipe:
 
     def reader_stopped(self) -> None:
         self._notify(self._mark_reader_gone)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while data := f.read(1 << 20):
-            digest.update(data)
-    return digest.hexdigest()
 
 
 def _read_body(response: urllib3.BaseHTTPResponse, size: int) -> bytes:
@@ -384,7 +377,7 @@ class S3ObjectStore(ObjectStore):
         content_type = content_type or DEFAULT_CONTENT_TYPE
         await self.ensure_bucket()
         if sha256 is None:
-            sha256 = await _in_thread(self._calls, _file_sha256, path)
+            sha256 = await _in_thread(self._calls, file_sha256, path)
         size = await self._call(self._fput, key, path, content_type, sha256, key=key,
                                 limiter=self._uploads)
         return ObjectInfo(key, size, sha256, content_type)
