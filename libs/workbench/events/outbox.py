@@ -208,41 +208,58 @@ class OutboxRelay:
                     log.warning("outbox cleanup failed: %s", exc)
 
     async def relay_once(self) -> int:
-        """Publish one batch of pending events; returns how many were published."""
+        """Publish one batch of pending events; returns how many were published.
+
+        PostgreSQL: the rows are claimed (FOR UPDATE SKIP LOCKED) in the transaction that
+        publishes them, so replicas share the work. SQLite locks the whole database for a write
+        transaction, so there the rows are read, published with no transaction open, and marked
+        in a second one: a bus that hangs (NATS going away mid-publish) must not stall every
+        writer of the service. A row published but not marked is published again next round,
+        which the bus deduplicates by event id."""
         t = self.tables.outbox
-        published = 0
-        async with self.db.transaction() as session:
-            stmt = (
-                select(t.c.seq, t.c.payload)
-                .where(t.c.published_at.is_(None))
-                .order_by(t.c.seq)
-                .limit(self.batch_size)
-            )
-            if not self.db.is_sqlite:
-                stmt = stmt.with_for_update(skip_locked=True)
-            rows = (await session.execute(stmt)).all()
-            done: list[int] = []
-            error: Exception | None = None
-            for seq, payload in rows:
-                try:
-                    await self.bus.publish(EventEnvelope.from_bytes(payload))
-                except Exception as exc:
-                    error = exc
-                    await session.execute(
-                        update(t).where(t.c.seq == seq).values(
-                            attempts=t.c.attempts + 1, last_error=str(exc)[:500]
-                        )
-                    )
-                    break
-                done.append(seq)
-            if done:
-                await session.execute(
-                    update(t).where(t.c.seq.in_(done)).values(published_at=utcnow())
-                )
-                published = len(done)
+        stmt = (
+            select(t.c.seq, t.c.payload)
+            .where(t.c.published_at.is_(None))
+            .order_by(t.c.seq)
+            .limit(self.batch_size)
+        )
+        if self.db.is_sqlite:
+            async with self.db.transaction() as session:
+                rows = list((await session.execute(stmt)).all())
+            done, error = await self._publish(rows)
+            async with self.db.transaction() as session:
+                await self._mark(session, done, error)
+        else:
+            async with self.db.transaction() as session:
+                rows = list((await session.execute(
+                    stmt.with_for_update(skip_locked=True))).all())
+                done, error = await self._publish(rows)
+                await self._mark(session, done, error)
         if error is not None:
-            raise error
-        return published
+            raise error[1]
+        return len(done)
+
+    async def _publish(self, rows: list[Any]) -> tuple[list[int], tuple[int, Exception] | None]:
+        """Publish in order until one fails: (seqs published, (failed seq, error) or None)."""
+        done: list[int] = []
+        for seq, payload in rows:
+            try:
+                await self.bus.publish(EventEnvelope.from_bytes(payload))
+            except Exception as exc:
+                return done, (seq, exc)
+            done.append(seq)
+        return done, None
+
+    async def _mark(self, session: AsyncSession, done: list[int],
+                    error: tuple[int, Exception] | None) -> None:
+        t = self.tables.outbox
+        if error is not None:
+            seq, exc = error
+            await session.execute(update(t).where(t.c.seq == seq).values(
+                attempts=t.c.attempts + 1, last_error=str(exc)[:500]))
+        if done:
+            await session.execute(
+                update(t).where(t.c.seq.in_(done)).values(published_at=utcnow()))
 
     async def pending(self) -> int:
         t = self.tables.outbox
