@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml constraints.txt
 		{ echo "xai-workbench needs Python 3.11 (set PYTHON=/path/to/python3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,inference]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,inference,ray,triton,k8s]'
 	@touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install the platform with dev tools

@@ -15,6 +15,7 @@ ROUTE_TABLE: list[tuple[str, str]] = [
     ("/api/v1/audit", "audit"),
     ("/api/v1/datasets", "data"),
     ("/api/v1/inference", "inference"),
+    ("/api/v1/kb", "kb"),
     # The OpenAI-compatible API (the official clients call <base_url>/chat/completions, …).
     ("/v1", "inference"),
 ]
@@ -24,6 +25,7 @@ ROUTE_TABLE: list[tuple[str, str]] = [
 UPLOAD_ROUTES: tuple[str, ...] = (
     r"^/api/v1/datasets/[^/]+/versions/?$",
     r"^/api/v1/datasets/[^/]+/uploads/[^/]+/?$",
+    r"^/api/v1/kb/[^/]+/documents/?$",
 )
 
 # Routes that need no credentials (rate-limited per client IP instead).

@@ -44,6 +44,8 @@ class ServiceSpec:
     port: int  # its port in distributed mode
     # Calls the user service (projects, quotas); embedded mode hands it the app in process.
     calls_user: bool = False
+    # Other services it calls; embedded mode hands it their apps in process (`transports`).
+    calls: tuple[str, ...] = ()
 
     def load(self) -> Any:
         return importlib.import_module(self.module)
@@ -61,6 +63,8 @@ SERVICES: dict[str, ServiceSpec] = {
                     calls_user=True),
         ServiceSpec("inference", "services.inference.app",
                     "services.inference.settings:InferenceSettings", 8003, calls_user=True),
+        ServiceSpec("kb", "services.kb.app", "services.kb.settings:KbSettings", 8004,
+                    calls=("user", "inference", "data")),
         ServiceSpec("audit", "services.audit.app", "services.audit.settings:AuditSettings",
                     8008),
     ]
@@ -97,6 +101,9 @@ class EmbeddedPlatform:
                 kwargs["jwks"] = self._user_jwks
             if spec.calls_user:
                 kwargs["user_transport"] = httpx.ASGITransport(self.apps["user"])
+            if spec.calls:
+                kwargs["transports"] = {other: httpx.ASGITransport(self.apps[other])
+                                        for other in spec.calls}
             self.apps[name] = spec.load().create_app(spec.make_settings(), **kwargs)
         self.gateway = create_gateway(GatewaySettings(), apps=self.apps, bus=self.bus)
 

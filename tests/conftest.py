@@ -70,6 +70,7 @@ class Platform:
     audit_url: str | None = None
     data_url: str | None = None
     inference_url: str | None = None
+    kb_url: str | None = None
     processes: list[ServerProcess] = field(default_factory=list)
 
     def client(self, **kw: Any) -> httpx.Client:
@@ -172,15 +173,18 @@ def _start_embedded(workdir: Path) -> Platform:
 def _start_distributed(workdir: Path, nats_url: str, db_url: str,
                        s3: SeaweedServer) -> Platform:
     user_port, audit_port, data_port, gw_port = free_port(), free_port(), free_port(), free_port()
-    inference_port = free_port()
+    inference_port, kb_port = free_port(), free_port()
     env = base_env(
         WB_MODE="distributed", WB_DATA_DIR=str(workdir / "data"), WB_DATABASE_URL=db_url,
         WB_NATS_URL=nats_url, WB_REDIS_URL="redis://127.0.0.1:6379/0",
         WB_UPSTREAMS=(f'{{"user": "http://127.0.0.1:{user_port}", '
                       f'"data": "http://127.0.0.1:{data_port}", '
                       f'"inference": "http://127.0.0.1:{inference_port}", '
+                      f'"kb": "http://127.0.0.1:{kb_port}", '
                       f'"audit": "http://127.0.0.1:{audit_port}"}}'),
         WB_USER_URL=f"http://127.0.0.1:{user_port}",
+        WB_INFERENCE_URL=f"http://127.0.0.1:{inference_port}",
+        WB_DATA_URL=f"http://127.0.0.1:{data_port}",
         WB_JWKS_URL=f"http://127.0.0.1:{user_port}/.well-known/jwks.json",
         **s3.env(bucket=f"wb-{workdir.name[-8:].lower().replace('_', '-')}"),
     )
@@ -200,6 +204,9 @@ def _start_distributed(workdir: Path, nats_url: str, db_url: str,
                               env=env, log=workdir / "inference.log").start()
     wait_http(f"http://127.0.0.1:{inference_port}/readyz", proc=inference.proc,
               log=inference.log)
+    kb = ServerProcess([*WB, "serve", "kb", "--port", str(kb_port)], env=env,
+                       log=workdir / "kb.log").start()
+    wait_http(f"http://127.0.0.1:{kb_port}/readyz", proc=kb.proc, log=kb.log)
     gw = ServerProcess([*WB, "serve", "gateway", "--port", str(gw_port)], env=env,
                        log=workdir / "gateway.log").start()
     wait_http(f"http://127.0.0.1:{gw_port}/readyz", proc=gw.proc, log=gw.log)
@@ -208,7 +215,8 @@ def _start_distributed(workdir: Path, nats_url: str, db_url: str,
                     audit_url=f"http://127.0.0.1:{audit_port}",
                     data_url=f"http://127.0.0.1:{data_port}",
                     inference_url=f"http://127.0.0.1:{inference_port}",
-                    processes=[user, audit, data, inference, gw])
+                    kb_url=f"http://127.0.0.1:{kb_port}",
+                    processes=[user, audit, data, inference, kb, gw])
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,13 @@ deployment's internal token so a caller inside the network still has to prove it
 from __future__ import annotations
 
 import hmac
+import uuid
 from typing import Annotated
 
 from fastapi import Depends, Header, Request
 
-from workbench.errors import Unauthorized
+from workbench.errors import BadRequest, Unauthorized
+from workbench.identity.principal import Principal, Role
 
 INTERNAL_TOKEN_HEADER = "x-wb-internal-token"
 
@@ -26,3 +28,17 @@ async def _require_internal(
 
 
 InternalDep = Depends(_require_internal)
+
+
+# The header naming the user another service acts for on an internal route.
+ON_BEHALF_HEADER = "x-wb-on-behalf-of"
+
+
+def principal_on_behalf(org_id: uuid.UUID, user: str | None, role: Role) -> Principal:
+    """Who an internal call acts as: the org in its path, the user its caller names (or none:
+    the nil id), with `role`'s permissions."""
+    try:
+        user_id = uuid.UUID(user) if user else uuid.UUID(int=0)
+    except ValueError as exc:
+        raise BadRequest(f"{ON_BEHALF_HEADER} is not a user id") from exc
+    return Principal.build(user_id=user_id, org_id=org_id, role=role)

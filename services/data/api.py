@@ -14,15 +14,16 @@ from fastapi.responses import StreamingResponse
 from services.data import formats
 from services.data import schemas as sch
 from services.data.annotations import Annotations
-from services.data.receive import Received, receive_multipart, receive_raw
 from services.data.service import DataService, NewVersion
 from services.data.transforms import Transforms
 from services.data.uploads import Uploads
 from workbench.deps import SessionDep
 from workbench.errors import BadRequest, NotFound, PayloadTooLarge, WorkbenchError
 from workbench.identity.deps import require
-from workbench.identity.principal import Principal
+from workbench.identity.principal import Principal, Role
+from workbench.internal import InternalDep, principal_on_behalf
 from workbench.problems import PROBLEM_RESPONSES, problem_response
+from workbench.receive import Received, receive_multipart, receive_raw
 from workbench.schemas import CursorQuery, LimitQuery, Page
 
 router = APIRouter(prefix="/api/v1/datasets", tags=["datasets"], responses=PROBLEM_RESPONSES)
@@ -438,3 +439,47 @@ async def export_labels(dataset_id: uuid.UUID, task_id: uuid.UUID, body: sch.Exp
                         p: Writer, request: Request) -> Any:
     return await annotations(request).export(p, dataset_id, task_id,
                                              only_labelled=body.only_labelled, note=body.note)
+
+
+# ---- internal: other services (the kb service imports dataset versions as documents) ------------
+
+internal = APIRouter(prefix="/internal/v1/orgs/{org_id}/datasets", tags=["internal"],
+                     include_in_schema=False, dependencies=[InternalDep])
+
+
+async def _internal_version(request: Request, org_id: uuid.UUID, dataset_id: uuid.UUID,
+                            which: str, user: str | None) -> tuple[Principal, Any]:
+    service, p = svc(request), principal_on_behalf(org_id, user, Role.VIEWER)
+    async with service.db.transaction() as s:
+        if which == "latest":
+            d = await service.get_dataset(s, p, dataset_id)
+            if not d.latest_version:
+                raise NotFound(f"dataset {dataset_id} has no version yet")
+            number = d.latest_version
+        elif which.isdigit() and int(which) >= 1:
+            number = int(which)
+        else:
+            raise BadRequest("version is a number (1, 2, …) or 'latest'")
+        return p, await service.get_version(s, p, dataset_id, number)
+
+
+@internal.get("/{dataset_id}/versions/{which}")
+async def internal_version(org_id: uuid.UUID, dataset_id: uuid.UUID, which: str,
+                           request: Request,
+                           x_wb_on_behalf_of: Annotated[str | None, Header()] = None) -> Any:
+    _, v = await _internal_version(request, org_id, dataset_id, which, x_wb_on_behalf_of)
+    return {"dataset_id": str(v.dataset_id), "number": v.number, "filename": v.filename,
+            "format": v.format, "content_type": v.content_type, "size_bytes": v.size_bytes,
+            "sha256": v.sha256}
+
+
+@internal.get("/{dataset_id}/versions/{which}/content")
+async def internal_version_content(org_id: uuid.UUID, dataset_id: uuid.UUID, which: str,
+                                   request: Request,
+                                   x_wb_on_behalf_of: Annotated[str | None, Header()] = None
+                                   ) -> StreamingResponse:
+    p, v = await _internal_version(request, org_id, dataset_id, which, x_wb_on_behalf_of)
+    await svc(request).record_download(p, v, "")
+    return StreamingResponse(svc(request).blobs.read(v), media_type=v.content_type,
+                             headers={"content-length": str(v.size_bytes),
+                                      "x-checksum-sha256": v.sha256})

@@ -14,7 +14,7 @@ import httpx
 from fastapi import FastAPI
 
 from services.data.annotations import Annotations
-from services.data.api import router
+from services.data.api import internal, router
 from services.data.blobs import Blobs
 from services.data.crypto import derive_kek
 from services.data.events import Events
@@ -89,7 +89,7 @@ def create_app(settings: DataSettings | None = None, *, bus: EventBus | None = N
 
     limit = settings.data_max_upload_bytes + (1 << 20)  # multipart framing around the file
     return create_service_app(
-        service=NAME, settings=settings, routers=[router], lifespan=lifespan,
+        service=NAME, settings=settings, routers=[router, internal], lifespan=lifespan,
         body_limit_overrides={pattern: limit for pattern in UPLOAD_PATHS},
         title="xai-workbench data service",
         description="Datasets in projects: streamed and resumable uploads into object storage, "

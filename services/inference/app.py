@@ -14,9 +14,11 @@ from services.inference.api import router
 from services.inference.events import Events
 from services.inference.metrics import Metrics
 from services.inference.models import EVENT_TABLES
+from services.inference.openai_api import internal_router
 from services.inference.openai_api import router as openai_router
 from services.inference.runtimes.base import Runtime
 from services.inference.runtimes.local import LocalRuntime
+from services.inference.runtimes.rayserve import RayServeRuntime
 from services.inference.runtimes.remote import OpenAIRuntime, VllmRuntime
 from services.inference.service import InferenceService
 from services.inference.settings import InferenceSettings
@@ -61,7 +63,30 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
             "local": LocalRuntime(logs, default_n_ctx=settings.inference_default_n_ctx,
                                   threads=settings.inference_worker_threads),
             "openai": OpenAIRuntime(), "vllm": VllmRuntime(logs)}
+        # Ray itself is imported only by its driver processes: without ray installed a rayserve
+        # deployment fails, saying so.
+        rayserve = RayServeRuntime.from_settings(settings)
+        runtimes["rayserve"] = rayserve
+        try:  # tritonclient is only needed by the triton runtime
+            from services.inference.runtimes.triton import TritonRuntime
+        except ImportError:
+            pass  # a triton deployment fails: "runtime 'triton' is not available here"
+        else:
+            runtimes["triton"] = TritonRuntime(
+                logs, settings.data_dir / "inference" / "triton",
+                server=settings.inference_triton_server,
+                backend_directory=settings.inference_triton_backend_directory,
+                execution_env=settings.inference_triton_execution_env,
+                default_n_ctx=settings.inference_default_n_ctx,
+                threads=settings.inference_worker_threads,
+                request_timeout=settings.inference_request_timeout_s)
         metrics = Metrics()
+        cluster = None
+        if settings.inference_kubernetes:  # kubernetes-asyncio is only needed then
+            from services.inference.kubernetes import PLACED_RUNTIMES, KubernetesCluster
+
+            cluster = await KubernetesCluster.connect(settings)
+            runtimes.update({n: cluster.place(runtimes[n]) for n in PLACED_RUNTIMES})
         supervisor = Supervisor(settings, runtimes, on_status, metrics)
         service = InferenceService(settings, db, supervisor, events)
         user_client = ServiceClient(
@@ -88,7 +113,12 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
         try:
             yield
         finally:
+            await rayserve.close()  # before the supervisor: its head and apps go at once
+            if cluster is not None:
+                cluster.detach()  # the model workloads stay; the next start adopts them
             await supervisor.close()
+            if cluster is not None:
+                await cluster.close()
             await replica_http.aclose()
             await relay.stop()
             if own_bus:
@@ -97,7 +127,8 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
             await db.dispose()
 
     return create_service_app(
-        service=NAME, settings=settings, routers=[router, openai_router], lifespan=lifespan,
+        service=NAME, settings=settings, routers=[router, openai_router, internal_router],
+        lifespan=lifespan,
         title="xai-workbench inference service",
         description="Serves models: a catalog of built-in and external models, deployments on "
                     "local, OpenAI-compatible and vLLM runtimes with health checks, an "

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 import httpx
 import orjson
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
@@ -26,10 +26,15 @@ from services.inference.supervisor import NoReplica
 from services.inference.usage import Call, Metering
 from workbench.errors import WorkbenchError
 from workbench.identity.deps import require
-from workbench.identity.principal import Principal
+from workbench.identity.principal import Principal, Role
+from workbench.internal import InternalDep, principal_on_behalf
 from workbench.problems import openai_error_body
 
 router = APIRouter(prefix="/v1", tags=["openai-compatible"])
+# Other services (the kb service's embeddings and answers) call models on behalf of an org: the
+# same proxy, quota, safety rules and metering, the caller proven by the internal token.
+internal_router = APIRouter(prefix="/internal/v1/orgs/{org_id}", dependencies=[InternalDep],
+                            include_in_schema=False)
 Caller = Annotated[Principal, require("inference:execute")]
 Reader = Annotated[Principal, require("inference:read")]
 
@@ -140,6 +145,24 @@ async def completions(p: Caller, request: Request) -> Response:
 async def embeddings(p: Caller, request: Request) -> Response:
     body: EmbeddingRequest = await _body(request, EmbeddingRequest)
     return await _serve(request, p, body, "embeddings")
+
+
+@internal_router.post("/embeddings")
+async def internal_embeddings(org_id: uuid.UUID, request: Request,
+                              x_wb_on_behalf_of: Annotated[str | None, Header()] = None
+                              ) -> Response:
+    body: EmbeddingRequest = await _body(request, EmbeddingRequest)
+    p = principal_on_behalf(org_id, x_wb_on_behalf_of, Role.MEMBER)
+    return await _serve(request, p, body, "embeddings")
+
+
+@internal_router.post("/chat/completions")
+async def internal_chat_completions(org_id: uuid.UUID, request: Request,
+                                    x_wb_on_behalf_of: Annotated[str | None, Header()] = None
+                                    ) -> Response:
+    body: ChatRequest = await _body(request, ChatRequest)
+    p = principal_on_behalf(org_id, x_wb_on_behalf_of, Role.MEMBER)
+    return await _serve(request, p, body, "chat/completions")
 
 
 # ---- the proxy ---------------------------------------------------------------------------------

@@ -54,7 +54,11 @@ class Resources(RequestModel):
     memory_mb: int | None = Field(default=None, ge=64)
     gpu_type: Annotated[str, StringConstraints(max_length=50)] | None = None
     gpu_count: int | None = Field(default=None, ge=0, le=64)
-    node_selector: dict[str, str] | None = None
+    node_selector: dict[str, str] | None = Field(default=None, description=(
+        "Kubernetes placement: labels the nodes must have"))
+    tolerations: Annotated[list[dict[str, Any]], Field(max_length=20)] | None = Field(
+        default=None, description="Kubernetes placement: tolerations of the pods "
+                                  "(key, operator, value, effect)")
 
 
 class DeploymentCreate(RequestModel):
@@ -67,7 +71,7 @@ class DeploymentCreate(RequestModel):
     model: Annotated[str, StringConstraints(min_length=3, max_length=300)] = Field(
         description="`builtin:<name>` or `external:<id>` from GET /api/v1/inference/models")
     model_version: Annotated[str, StringConstraints(max_length=50)] = ""
-    runtime: Literal["local", "openai", "vllm"] | None = Field(
+    runtime: Literal["local", "openai", "vllm", "rayserve", "triton"] | None = Field(
         default=None, description="Default: local for built-in models, openai for external")
     replicas: int = Field(default=1, ge=1, le=16)
     resources: Resources = Field(default_factory=Resources)

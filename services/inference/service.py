@@ -28,7 +28,7 @@ from workbench.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from workbench.identity.principal import Principal
 from workbench.repository import Repository
 
-RUNTIMES_FOR = {"builtin": ("local",), "external": ("openai", "vllm")}
+RUNTIMES_FOR = {"builtin": ("local", "triton", "rayserve"), "external": ("openai", "vllm")}
 
 
 class DeploymentRepo(Repository[Deployment]):
@@ -83,7 +83,8 @@ class InferenceService:
         out: list[dict[str, Any]] = [
             {"id": f"builtin:{m.name}", "name": m.name, "kind": m.kind, "source": "builtin",
              "description": m.description, "context_length": m.context_length,
-             "dimensions": m.dimensions, "runtimes": ["local"], "base_url": None,
+             "dimensions": m.dimensions, "runtimes": list(RUNTIMES_FOR["builtin"]),
+             "base_url": None,
              "has_api_key": False} for m in BUILTINS.values()]
         rows, _ = await ExternalRepo(s, p.org_id).list(limit=1000)
         out += [self.external_view(m) for m in rows]

@@ -31,3 +31,41 @@ class InferenceSettings(ServiceSettings):
     inference_quota_cache_s: float = Field(default=2.0, ge=0)
     # Start the replicas of deployments that were running when the service last stopped.
     inference_resume_deployments: bool = True
+    # Kubernetes placement (docs/services/inference.md#kubernetes-placement): the `local` and
+    # `vllm` runtimes run each deployment as a Deployment + Service instead of local processes.
+    inference_kubernetes: bool = False
+    # Namespace of the model workloads (empty: the service account's namespace, else default).
+    inference_k8s_namespace: str = Field(
+        default="", pattern=r"^([a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)?$")
+    # The platform image (it has services.inference.worker and the built-in models): the local
+    # runtime's pods; the vllm runtime's pods run the vLLM image.
+    inference_k8s_image: str = ""
+    inference_k8s_vllm_image: str = "vllm/vllm-openai:latest"
+    # A kubeconfig file; empty: the in-cluster service account.
+    inference_k8s_kubeconfig: str = ""
+    # Replicas are reached at http://<name>.<namespace>.<domain>:8000 (the cluster's DNS).
+    inference_k8s_service_domain: str = "svc.cluster.local"
+    # The extended resource that `resources.gpu_count` requests (amd.com/gpu on AMD nodes).
+    inference_k8s_gpu_resource: str = "nvidia.com/gpu"
+    # vLLM pods may not download from the Hugging Face Hub (settings.model must be a path in
+    # the image or on a volume); false lets them.
+    inference_k8s_hf_offline: bool = True
+    # The `triton` runtime (docs/services/inference.md#triton-runtime): the tritonserver binary
+    # its replicas start when a deployment names no settings.url, that server's
+    # --backend-directory (empty: its default, /opt/tritonserver/backends), and the Python
+    # environment of the generated models (the Python backend's EXECUTION_ENV_PATH; empty: the
+    # server's own Python, which must have the platform and its `inference` extra installed).
+    inference_triton_server: str = "tritonserver"
+    inference_triton_backend_directory: str = ""
+    inference_triton_execution_env: str = ""
+    # The rayserve runtime (docs/services/inference.md#rayserve-runtime): an existing Ray cluster
+    # (`ray://head:10001` or `head:6379`); empty: one local Ray head of this service, started on
+    # first use and stopped on shutdown.
+    inference_ray_address: str = ""
+    # Serve's HTTP proxy on that cluster (default http://<address host>:8000).
+    inference_ray_serve_url: str = ""
+    # The local head's logical CPUs (0: this machine's count) and object store size.
+    inference_ray_num_cpus: int = Field(default=0, ge=0)
+    inference_ray_object_store_mb: int = Field(default=256, ge=80)
+    # Requests Serve hands one replica at once: the worker queues and batches them itself.
+    inference_ray_max_ongoing_requests: int = Field(default=256, ge=1)

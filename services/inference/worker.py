@@ -511,7 +511,7 @@ class EmbeddingEngine:
     kind = "embedding"
 
     def __init__(self, path: Path, name: str, max_batch: int, batch_wait_ms: float,
-                 threads: int | None) -> None:
+                 threads: int | None, max_collect: int = 512) -> None:
         import torch
         from sentence_transformers import SentenceTransformer
 
@@ -522,6 +522,10 @@ class EmbeddingEngine:
         self.n_ctx = int(self.model.max_seq_length or 512)
         self.dimensions = int(self.model.encode(["warm up"]).shape[1])
         self.max_batch, self.wait_s = max_batch, batch_wait_ms / 1000
+        # Inputs gathered from waiting requests into one encode call: sentence-transformers sorts
+        # them by length before cutting max_batch-sized model batches, so gathering more than one
+        # model batch means less padding (the bulk of the cost of short sentences).
+        self.max_collect = max(max_collect, max_batch)
         self.busy = False
         self._pending: deque[_EmbedItem] = deque()
         self._pending_n = 0
@@ -576,7 +580,8 @@ class EmbeddingEngine:
 
     async def run(self) -> None:
         """Collects requests for --batch-wait-ms (or until --max-batch inputs wait) and encodes
-        them in one call in the encoding thread; each request gets its slice back."""
+        everything waiting, up to --max-collect inputs, in one call in the encoding thread; each
+        request gets its slice back."""
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
@@ -591,7 +596,7 @@ class EmbeddingEngine:
             batch: list[_EmbedItem] = []
             n = 0
             while self._pending and (not batch or
-                                     n + len(self._pending[0].texts) <= self.max_batch):
+                                     n + len(self._pending[0].texts) <= self.max_collect):
                 item = self._pending.popleft()
                 self._pending_n -= len(item.texts)
                 if not item.future.done():  # done = cancelled: its client went away
@@ -751,8 +756,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repack", action="store_true",
                    help="chat: let llama.cpp repack weights (AMX, …); off: it crashes some VMs")
     p.add_argument("--max-batch", type=int, default=64, help="embedding: inputs per batch")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="embedding: how long a batch collects requests")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="embedding: how long a batch waits for more requests (0: an idle "
+                        "replica starts at once; requests that arrive while it encodes are "
+                        "batched together anyway)")
+    p.add_argument("--max-collect", type=int, default=512,
+                   help="embedding: most inputs of waiting requests encoded in one call")
     return p.parse_args(argv)
 
 
@@ -765,7 +774,7 @@ def load_engine(args: argparse.Namespace) -> Engine:
     if args.kind == "chat":
         return ChatEngine(path, name, args.n_ctx, args.threads, args.repack)
     return EmbeddingEngine(path, name, max(1, args.max_batch), max(0.0, args.batch_wait_ms),
-                           args.threads)
+                           args.threads, max(1, args.max_collect))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -371,6 +371,123 @@ def test_another_orgs_deployments_are_invisible(served: Served) -> None:
         assert client.get(base, headers=served.h).json()["status"] == "running"
 
 
+def test_another_orgs_models_routes_and_rules_are_invisible(served: Served) -> None:
+    with served.platform.client() as client:
+        h = served.h
+        model = client.post("/api/v1/inference/models", headers=h, json={
+            "name": unique("ext"), "kind": "chat", "base_url": "http://127.0.0.1:9/v1",
+            "remote_model": "m", "api_key": "sk-secret"}).json()
+        route = client.post("/api/v1/inference/routes", headers=h, json={
+            "name": unique("route"), "arms": [{"deployment_id": served.chat["id"],
+                                               "weight": 1}]}).json()
+        rule = client.post("/api/v1/inference/safety-rules", headers=h, json={
+            "name": "kw", "stage": "input", "kind": "keywords", "patterns": ["zzz-never"],
+            "action": "block"}).json()
+        mid = model["id"].removeprefix("external:")
+        other = register(client)
+        try:
+            for method, path, body in (
+                    ("GET", f"/api/v1/inference/models/{mid}", None),
+                    ("DELETE", f"/api/v1/inference/models/{mid}", None),
+                    ("GET", f"/api/v1/inference/routes/{route['id']}", None),
+                    ("PUT", f"/api/v1/inference/routes/{route['id']}",
+                     {"arms": [{"deployment_id": served.chat["id"], "weight": 5}]}),
+                    ("DELETE", f"/api/v1/inference/routes/{route['id']}", None),
+                    ("PATCH", f"/api/v1/inference/safety-rules/{rule['id']}",
+                     {"enabled": False}),
+                    ("DELETE", f"/api/v1/inference/safety-rules/{rule['id']}", None)):
+                r = client.request(method, path, headers=other.headers, json=body)
+                assert r.status_code == 404, (method, path, r.text)
+            # Lists show nothing of the first org; its ids cannot be borrowed either.
+            for path in ("/api/v1/inference/routes", "/api/v1/inference/safety-rules",
+                         "/api/v1/inference/services"):
+                assert client.get(path, headers=other.headers).json()["items"] == [], path
+            names = {m["name"] for m in client.get("/api/v1/inference/models",
+                                                   headers=other.headers).json()}
+            assert model["name"] not in names
+            r = client.post("/api/v1/inference/routes", headers=other.headers, json={
+                "name": "borrowed", "arms": [{"deployment_id": served.chat["id"],
+                                              "weight": 1}]})
+            assert r.status_code == 422 and "does not exist" in r.text
+            r = client.post("/api/v1/inference/services", headers=other.headers, json={
+                "name": "borrowed", "model": model["id"]})
+            assert r.status_code == 404, r.text
+            # Untouched for their owner.
+            assert client.get(f"/api/v1/inference/routes/{route['id']}",
+                              headers=h).json()["arms"][0]["weight"] == 1
+            assert client.get(f"/api/v1/inference/models/{mid}", headers=h).status_code == 200
+            assert any(r["id"] == rule["id"] and r["enabled"] for r in client.get(
+                "/api/v1/inference/safety-rules", headers=h).json()["items"])
+        finally:
+            client.delete(f"/api/v1/inference/routes/{route['id']}", headers=h)
+            client.delete(f"/api/v1/inference/safety-rules/{rule['id']}", headers=h)
+            client.delete(f"/api/v1/inference/models/{mid}", headers=h)
+
+
+def test_bad_input_on_management_routes(served: Served) -> None:
+    with served.platform.client() as client:
+        h = served.h
+        missing = "0190c5f0-0000-7000-8000-000000000000"
+        cases: list[tuple[str, str, Any, int, str]] = [
+            # external models
+            ("POST", "/api/v1/inference/models", {"name": "x", "kind": "chat"}, 422,
+             "base_url"),
+            ("POST", "/api/v1/inference/models", {"name": "x", "kind": "audio",
+             "base_url": "http://h/v1", "remote_model": "m"}, 422, "kind"),
+            ("POST", "/api/v1/inference/models", {"name": "x", "kind": "chat",
+             "base_url": "not a url", "remote_model": "m"}, 422, "base_url"),
+            ("POST", "/api/v1/inference/models", {"name": "smollm2-135m-instruct",
+             "kind": "chat", "base_url": "http://h/v1", "remote_model": "m"}, 409, "built-in"),
+            ("GET", "/api/v1/inference/models/not-an-id", None, 422, "model_id"),
+            ("GET", f"/api/v1/inference/models/{missing}", None, 404, ""),
+            # deployments
+            ("POST", "/api/v1/inference/services", {"name": "x", "model": "builtin:nope"}, 404,
+             "catalog"),
+            ("POST", "/api/v1/inference/services", {"name": "x",
+             "model": "builtin:smollm2-135m-instruct", "replicas": 0}, 422, "replicas"),
+            ("POST", "/api/v1/inference/services", {"name": "x",
+             "model": "builtin:smollm2-135m-instruct", "runtime": "openai"}, 422, "runtime"),
+            ("POST", "/api/v1/inference/services", {"name": "chat",
+             "model": "builtin:smollm2-135m-instruct"}, 409, "taken"),
+            ("POST", f"/api/v1/inference/services/{served.chat['id']}/scale",
+             {"replicas": 99}, 422, "replicas"),
+            ("PATCH", f"/api/v1/inference/services/{served.chat['id']}", {"name": None}, 422,
+             "name"),
+            ("GET", f"/api/v1/inference/services/{missing}/metrics", None, 404, ""),
+            # routes
+            ("POST", "/api/v1/inference/routes", {"name": "r", "arms": []}, 422, "arms"),
+            ("POST", "/api/v1/inference/routes", {"name": "r", "arms": [
+                {"deployment_id": served.chat["id"], "weight": -1}]}, 422, "weight"),
+            ("POST", "/api/v1/inference/routes", {"name": "r", "arms": [
+                {"deployment_id": served.chat["id"], "weight": 1},
+                {"deployment_id": served.embedder["id"], "weight": 1}]}, 422, "same kind"),
+            ("POST", "/api/v1/inference/routes", {"name": "r", "arms": [
+                {"deployment_id": served.chat["id"], "weight": 1},
+                {"deployment_id": served.chat["id"], "weight": 2}]}, 422, "two arms"),
+            ("PUT", f"/api/v1/inference/routes/{missing}", {"arms": [
+                {"deployment_id": served.chat["id"], "weight": 1}]}, 404, ""),
+            # safety rules
+            ("POST", "/api/v1/inference/safety-rules", {"name": "r", "stage": "sometimes",
+             "kind": "keywords", "patterns": ["a"], "action": "block"}, 422, "stage"),
+            ("POST", "/api/v1/inference/safety-rules", {"name": "r", "stage": "input",
+             "kind": "keywords", "patterns": [], "action": "block"}, 422, "patterns"),
+            ("POST", "/api/v1/inference/safety-rules", {"name": "r", "stage": "input",
+             "kind": "pii", "patterns": ["shoe_size"], "action": "redact"}, 422, "shoe_size"),
+            ("PATCH", f"/api/v1/inference/safety-rules/{missing}", {"enabled": False}, 404, ""),
+        ]
+        for method, path, body, status, needle in cases:
+            r = client.request(method, path, headers=h, json=body)
+            assert r.status_code == status, (method, path, body, r.status_code, r.text)
+            assert needle in r.text, (method, path, body, r.text)
+            if status != 404 or needle:
+                assert r.headers["content-type"].startswith("application/problem+json"), r.text
+        r = client.post("/api/v1/inference/routes", headers={**h, "content-type":
+                        "application/json"}, content=b"{not json")
+        assert r.status_code == 400 and r.json()["code"] == "malformed_json", r.text
+        assert client.get(f"/api/v1/inference/services/{served.chat['id']}",
+                          headers=h).json()["status"] == "running"
+
+
 # ---- the openai runtime against a second server ------------------------------------------------
 
 def test_openai_runtime_serves_through_another_platform(served: Served,

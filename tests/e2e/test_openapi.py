@@ -67,7 +67,7 @@ def component(spec: dict[str, Any], ref: str) -> dict[str, Any]:
 # ---- paths ----------------------------------------------------------------------------------
 
 # Path prefixes of the services other than the user service.
-OTHER_SERVICES = ("/api/v1/audit", "/api/v1/datasets", "/api/v1/inference")
+OTHER_SERVICES = ("/api/v1/audit", "/api/v1/datasets", "/api/v1/inference", "/api/v1/kb")
 
 
 def test_spec_lists_the_user_service_api_paths(spec: dict[str, Any]) -> None:
@@ -82,6 +82,8 @@ def test_spec_lists_the_user_service_api_paths(spec: dict[str, Any]) -> None:
     assert "/api/v1/audit/records" in paths and "/api/v1/audit/verify" in paths
     assert {"/api/v1/datasets", "/api/v1/datasets/{dataset_id}/versions",
             "/api/v1/datasets/{dataset_id}/versions/{number}/download"} <= paths
+    assert {"/api/v1/kb", "/api/v1/kb/{kb_id}/documents", "/api/v1/kb/{kb_id}/retrieve",
+            "/api/v1/kb/{kb_id}/chat"} <= paths
     assert "/.well-known/jwks.json" in paths
     assert {m for m, p, _ in operations(spec) if p == "/api/v1/projects"} == {"get", "post"}
 

@@ -39,7 +39,7 @@ class LocalRuntime:
             if threads:
                 args += ["--threads", str(threads)]
         else:
-            for key in ("max_batch", "batch_wait_ms"):
+            for key in ("max_batch", "batch_wait_ms", "max_collect"):
                 if spec.settings.get(key):
                     args += [f"--{key.replace('_', '-')}", str(spec.settings[key])]
         return args

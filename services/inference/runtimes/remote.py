@@ -47,24 +47,12 @@ class VllmRuntime(OpenAIRuntime):
         self.log_dir = log_dir
 
     def command(self, spec: DeploymentSpec, port: int) -> list[str]:
-        s = spec.settings
-        model = s.get("model")
-        if not model:
-            raise ValueError("a vllm deployment needs settings.model (a model id or path) "
-                             "or settings.base_url (a running vLLM server)")
         binary = shutil.which("vllm")
         if binary is None:
+            vllm_serve_args(spec, "127.0.0.1", port)  # a missing model is the first error
             raise RuntimeError("vllm is not installed on this machine (pip install vllm on a "
                                "GPU node), or attach with settings.base_url")
-        args = [binary, "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-                "--served-model-name", spec.name]
-        if spec.resources.get("gpu_count"):
-            args += ["--tensor-parallel-size", str(int(spec.resources["gpu_count"]))]
-        for key in ("max_model_len", "gpu_memory_utilization", "dtype"):
-            if s.get(key) is not None:
-                args += [f"--{key.replace('_', '-')}", str(s[key])]
-        args += [str(a) for a in s.get("extra_args", [])]
-        return args
+        return [binary, *vllm_serve_args(spec, "127.0.0.1", port)[1:]]
 
     async def launch(self, spec: DeploymentSpec, index: int) -> Replica:
         if spec.settings.get("base_url"):
@@ -97,3 +85,21 @@ class VllmRuntime(OpenAIRuntime):
 
     async def stop(self, replica: Replica) -> None:
         await asyncio.to_thread(stop_process, replica.proc)
+
+
+def vllm_serve_args(spec: DeploymentSpec, host: str, port: int) -> list[str]:
+    """`vllm serve …` with the deployment's settings (here, or in a vLLM image on Kubernetes)."""
+    s = spec.settings
+    model = s.get("model")
+    if not model:
+        raise ValueError("a vllm deployment needs settings.model (a model id or path) "
+                         "or settings.base_url (a running vLLM server)")
+    args = ["vllm", "serve", str(model), "--host", host, "--port", str(port),
+            "--served-model-name", spec.name]
+    if spec.resources.get("gpu_count"):
+        args += ["--tensor-parallel-size", str(int(spec.resources["gpu_count"]))]
+    for key in ("max_model_len", "gpu_memory_utilization", "dtype"):
+        if s.get(key) is not None:
+            args += [f"--{key.replace('_', '-')}", str(s[key])]
+    args += [str(a) for a in s.get("extra_args", [])]
+    return args

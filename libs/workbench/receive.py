@@ -1,5 +1,6 @@
-"""Receiving a file body into a local temporary file without holding it in memory: a raw
-body or a streamed multipart/form-data part, hashed (SHA-256) and size-limited on the way."""
+"""Receiving a file body (dataset uploads, knowledge-base documents) into a local temporary file
+without holding it in memory: a raw body or a streamed multipart/form-data part, hashed (SHA-256)
+and size-limited on the way."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import anyio.to_thread
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from workbench.errors import BadRequest, PayloadTooLarge
+
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks
 
 # Body pieces are gathered to about this size before a thread hop writes them.
 _PIECE = 1 << 20
@@ -147,7 +151,7 @@ class _FormState:
         self._value = bytearray()
         self._file_data: list[bytes] = []
 
-    def callbacks(self) -> dict[str, object]:
+    def callbacks(self) -> MultipartCallbacks:
         return {
             "on_part_begin": self._part_begin,
             "on_header_field": lambda d, s, e: self._header_field.extend(d[s:e]),

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from services.data.receive import receive_multipart, receive_raw
 from workbench.errors import BadRequest, PayloadTooLarge
+from workbench.receive import receive_multipart, receive_raw
 
 BOUNDARY = "----wbtestboundary"
 CT = f"multipart/form-data; boundary={BOUNDARY}"
