@@ -128,7 +128,7 @@ def platform(corpus: Corpus, workdir: Path, queries: list[str]
                 time.sleep(0.05)
             took = time.perf_counter() - start
             assert st["documents_failed"] == 0, st
-            settle(workdir / "data" / "db")
+            settle(workdir / "data")
             latencies: dict[str, list[float]] = {"vector": [], "hybrid": []}
             for mode in latencies:
                 client.post(f"/api/v1/kb/{kb['id']}/retrieve", headers=h,
@@ -144,22 +144,28 @@ def platform(corpus: Corpus, workdir: Path, queries: list[str]
         proc.stop()
 
 
-def settle(db_dir: Path, timeout: float = 120) -> None:
+def settle(data_dir: Path, timeout: float = 300) -> None:
     """Ingestion leaves events behind (progress, usage) that the relays publish and the audit
-    service records; latency is measured once they are through, as on a platform at rest."""
+    service chains into its log; latency is measured once they are through, as on a platform
+    at rest: every outbox published and every consumer of the in-process bus caught up."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pending = 0
-        for db in db_dir.glob("*.sqlite3"):
+        for db in (data_dir / "db").glob("*.sqlite3"):
             with sqlite3.connect(db) as conn:
                 has = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'wb_outbox'")
                 if has.fetchone():
                     pending += conn.execute("SELECT COUNT(*) FROM wb_outbox "
                                             "WHERE published_at IS NULL").fetchone()[0]
-        if not pending:
-            time.sleep(2)  # the consumers' last batches
+        with sqlite3.connect(data_dir / "bus" / "events.sqlite3") as conn:
+            last = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone()[0]
+            behind = conn.execute("SELECT COUNT(*) FROM consumers WHERE acked_seq < ?",
+                                  (last,)).fetchone()[0]
+        if not pending and not behind:
+            time.sleep(2)  # the ingestion loop's flush of the new vectors
             return
         time.sleep(0.5)
+    print("warning: the platform did not settle; latencies include background work")
 
 
 def pct(values: list[float], q: float) -> float:

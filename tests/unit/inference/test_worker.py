@@ -275,7 +275,9 @@ def test_client_leaving_mid_stream_frees_the_replica(chat: str) -> None:
             seen += line.startswith("data: ")
             if seen >= 4:
                 break
-    assert httpx.get(f"{chat}/health").json()["busy"] is True  # still generating, unread
+        # Still generating while the client reads no more (checked before it hangs up: once it
+        # has, the worker may notice within a token, before any check here could run).
+        assert httpx.get(f"{chat}/health").json()["busy"] is True
     # 1500 tokens would take ~20 s: the generation stops at the next token instead.
     deadline = time.monotonic() + 5
     while httpx.get(f"{chat}/health").json()["busy"]:
