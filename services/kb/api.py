@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import anyio
+import anyio.to_thread
 import orjson
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
@@ -249,8 +250,9 @@ async def import_document(kb_id: uuid.UUID, body: sch.ImportRequest, p: Writer,
         s.expunge(kb)
     info, data = await service.upstream.dataset_file(
         p.org_id, body.dataset_id, body.version, service.settings.kb_max_document_bytes)
+    assert data is not None  # always downloaded without unless_sha256
     name = body.name or str(info["filename"])
-    sha256 = hashlib.sha256(data).hexdigest()
+    sha256 = await anyio.to_thread.run_sync(lambda: hashlib.sha256(data).hexdigest())
     try:
         fmt = parsing.detect_format(name, data[:64 << 10])
     except parsing.UnsupportedFormat as exc:
@@ -308,7 +310,7 @@ async def reindex(kb_id: uuid.UUID, document_id: uuid.UUID, p: Writer, s: Sessio
                   request: Request) -> Any:
     kb = await svc(request).get_kb(s, p, kb_id, write=True)
     d = await svc(request).reindex(s, p, kb, document_id)
-    request.app.state.kb_ingestor.wake.set()
+    _wake(request)
     return d
 
 

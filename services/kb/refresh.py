@@ -10,6 +10,7 @@ import hashlib
 import logging
 import uuid
 
+import anyio.to_thread
 from sqlalchemy import select
 
 from services.kb.models import Document, KnowledgeBase
@@ -44,8 +45,11 @@ class Refresher:
             try:
                 info, data = await service.upstream.dataset_file(
                     org_id, uuid.UUID(d.source["dataset_id"]), None,
-                    service.settings.kb_max_document_bytes)
-                sha256 = hashlib.sha256(data).hexdigest()
+                    service.settings.kb_max_document_bytes, unless_sha256=d.sha256)
+                if data is None:
+                    unchanged += 1
+                    continue
+                sha256 = await anyio.to_thread.run_sync(_sha256, data)
                 if sha256 == d.sha256:
                     unchanged += 1
                     continue
@@ -81,3 +85,7 @@ class Refresher:
                 raise
             except Exception as exc:
                 log.warning("scheduled refresh failed: %s", exc)
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()

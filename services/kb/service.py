@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.kb import bm25, parsing
+from services.kb import bm25
 from services.kb.events import Events
 from services.kb.models import Chunk, Document, KnowledgeBase, Posting
 from services.kb.settings import KbSettings
@@ -31,7 +31,6 @@ from workbench.repository import Repository
 from workbench.storage import ObjectStore
 
 log = logging.getLogger("services.kb")
-MODES = ("vector", "keyword", "hybrid")
 UPDATE_EVERY = {"daily": timedelta(days=1), "weekly": timedelta(days=7)}
 _ACL_ENTRY = re.compile(r"^(role:(owner|admin|member|viewer)|user:[0-9a-fA-F-]{36})$")
 # Fields of a document every filter may use besides its own metadata.
@@ -500,10 +499,4 @@ class KbService:
             await s.execute(delete(Posting).where(Posting.chunk_id.in_(part)))
             await s.execute(delete(Chunk).where(Chunk.id.in_(part)))
 
-    async def release(self, s: AsyncSession, document_id: uuid.UUID, owner: str) -> None:
-        await s.execute(update(Document).where(
-            Document.id == document_id, Document.lease_owner == owner).values(
-            lease_owner=None, lease_until=None))
 
-
-__all__ = ["MODES", "Hit", "KbService", "can_read", "can_write", "chunk_uuid", "parsing"]

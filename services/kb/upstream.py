@@ -130,9 +130,12 @@ class Upstream:
                                      code="inference_unavailable") from exc
 
     async def dataset_file(self, org_id: uuid.UUID, dataset_id: uuid.UUID,
-                           version: int | None, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+                           version: int | None, max_bytes: int, *,
+                           unless_sha256: str | None = None
+                           ) -> tuple[dict[str, Any], bytes | None]:
         """The version's metadata (number, filename, sha256, format) and its bytes (decrypted by
-        the data service); `version` None: the latest."""
+        the data service); `version` None: the latest. None for the bytes when the version's
+        checksum is `unless_sha256` (nothing changed: nothing is downloaded)."""
         which = "latest" if version is None else str(version)
         base = f"/internal/v1/orgs/{org_id}/datasets/{dataset_id}/versions/{which}"
         meta = await self.data.get(base)
@@ -145,6 +148,10 @@ class Upstream:
             raise PayloadTooLarge(f"dataset version is {int(info['size_bytes']):,} bytes; "
                                   f"documents may have at most {max_bytes:,}",
                                   code="document_too_large")
-        resp = await self.data.get(f"{base}/content")
+        if unless_sha256 is not None and info.get("sha256") == unless_sha256:
+            return info, None
+        # The number just read, not "latest" again: a version added meanwhile waits its turn.
+        resp = await self.data.get(f"/internal/v1/orgs/{org_id}/datasets/{dataset_id}/versions/"
+                                   f"{info['number']}/content")
         raise_for_problem(resp)
         return info, resp.content
