@@ -509,3 +509,56 @@ def test_ingestion_resumes_after_a_kb_service_restart(distributed_platform: Plat
             "SELECT document_id, idx, COUNT(*) FROM kb_chunks GROUP BY document_id, generation,"
             " idx HAVING COUNT(*) > 1", service="kb")
         assert dupes == []
+
+
+# ---- documents from the data service ------------------------------------------------------------
+
+def test_import_from_a_dataset_and_refresh_follow_its_latest_version(
+        embedded_platform: Platform) -> None:
+    with embedded_platform.client(timeout=120) as client:
+        owner = register(client)
+        h = owner.headers
+        project = client.post("/api/v1/projects", json={"name": "p"}, headers=h).json()["id"]
+        deploy(client, h, "embedder", "builtin:all-minilm-l6-v2")
+        ds = client.post("/api/v1/datasets", headers=h, json={
+            "project_id": project, "name": "faq"}).json()
+        first = b'{"q": "opening hours", "a": "The helpdesk opens at 08:15 on weekdays."}\n'
+        assert client.post(f"/api/v1/datasets/{ds['id']}/versions", headers=h,
+                           files={"file": ("faq.jsonl", first)}).status_code == 201
+        k = make_kb(client, owner, project, update_strategy="weekly")
+        assert k["next_refresh_at"]
+        base = f"/api/v1/kb/{k['id']}"
+        r = client.post(f"{base}/documents/import", headers=h, json={"dataset_id": ds["id"]})
+        assert r.status_code == 202, r.text
+        doc = r.json()
+        assert doc["source"]["type"] == "dataset" and doc["source"]["version"] == 1
+        wait_ingested(client, h, k["id"])
+        hits = client.post(f"{base}/retrieve", headers=h, json={"query": "helpdesk hours"}
+                           ).json()["hits"]
+        assert hits and "08:15" in hits[0]["text"]
+        # Nothing changed: the refresh downloads nothing and queues nothing.
+        assert client.post(f"{base}/refresh", headers=h).status_code == 200
+        assert client.get(f"{base}/documents/{doc['id']}", headers=h).json()["generation"] == 1
+        second = b'{"q": "opening hours", "a": "The helpdesk now opens at 07:45 on weekdays."}\n'
+        assert client.post(f"/api/v1/datasets/{ds['id']}/versions", headers=h,
+                           files={"file": ("faq.jsonl", second)}).status_code == 201
+        assert client.post(f"{base}/refresh", headers=h).status_code == 200
+        wait_ingested(client, h, k["id"])
+        d = client.get(f"{base}/documents/{doc['id']}", headers=h).json()
+        assert d["generation"] == 2 and d["status"] == "indexed"
+        assert d["source"]["version"] == 2, d
+        hits = client.post(f"{base}/retrieve", headers=h, json={"query": "helpdesk hours"}
+                           ).json()["hits"]
+        assert hits and "07:45" in hits[0]["text"] and "08:15" not in hits[0]["text"]
+        # Bad input: another org's dataset is not found; an unknown version neither.
+        other = register(client)
+        r = client.post(f"{base}/documents/import", headers=h, json={
+            "dataset_id": ds["id"], "version": 9})
+        assert r.status_code == 404, r.text
+        r = client.post(f"/api/v1/kb/{k['id']}/documents/import", headers=other.headers,
+                        json={"dataset_id": ds["id"]})
+        assert r.status_code == 404, r.text
+        types = [row[0] for row in embedded_platform.db_rows(
+            "SELECT type, payload FROM wb_outbox ORDER BY seq", service="kb")
+            if k["id"] in bytes(row[1]).decode()]
+        assert types.count("wb.kb.refresh.ran") == 2
