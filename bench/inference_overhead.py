@@ -5,10 +5,17 @@ process; (2) embeddings/s for 2,000 sentences through `/v1/embeddings` (all-Mini
 20 requests of 100 sentences, 4 in flight) against sentence-transformers `encode` directly.
 Same run, same machine, same threads, temperature 0 (the same tokens both ways).
 
-    .venv/bin/python bench/inference_overhead.py [--max-tokens 128] [--rounds 2]
+    .venv/bin/python bench/inference_overhead.py [--max-tokens 128] [--rounds 5]
 
 Targets: chat tokens/s through the platform >= 85% of direct; embeddings/s >= 80% of direct.
 The platform runs embedded (`wb up`) in its own process on a fresh data folder.
+
+Each round measures both sides back to back (in alternating order: direct first in odd rounds,
+the platform first in even ones) and gives one ratio; the verdict is the median of the rounds'
+ratios. On a shared 2-core machine the speed of both sides drifts by 20-50% within a minute
+(the direct baseline alone moved 44 -> 57 tok/s between two rounds), so a best-of-each
+comparison mostly measures which side had the luckier minute; a ratio of measurements taken
+seconds apart does not.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import argparse
 import asyncio
 import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -163,27 +171,38 @@ def main(args: argparse.Namespace) -> None:
         d_eps: list[float] = []
         p_eps: list[float] = []
         for r in range(1, args.rounds + 1):
+            platform_first = r % 2 == 0
+            if platform_first:
+                tps, ttft = asyncio.run(platform_chat(base, key, "chat", args.max_tokens))
+                p_tps.append(tps)
+                p_ttft.append(ttft)
             tps, ttft = direct_chat(args.max_tokens)
             d_tps.append(tps)
             d_ttft.append(ttft)
-            tps, ttft = asyncio.run(platform_chat(base, key, "chat", args.max_tokens))
-            p_tps.append(tps)
-            p_ttft.append(ttft)
+            if not platform_first:
+                tps, ttft = asyncio.run(platform_chat(base, key, "chat", args.max_tokens))
+                p_tps.append(tps)
+                p_ttft.append(ttft)
+            if platform_first:
+                p_eps.append(asyncio.run(platform_embeddings(base, key, "embed")))
             d_eps.append(direct_embeddings())
-            p_eps.append(asyncio.run(platform_embeddings(base, key, "embed")))
+            if not platform_first:
+                p_eps.append(asyncio.run(platform_embeddings(base, key, "embed")))
             print(f"round {r}: chat direct {d_tps[-1]:6.1f} tok/s (ttft {d_ttft[-1]*1000:6.0f} "
-                  f"ms) | platform {p_tps[-1]:6.1f} tok/s (ttft {p_ttft[-1]*1000:6.0f} ms); "
-                  f"embeddings direct {d_eps[-1]:6.0f}/s | platform {p_eps[-1]:6.0f}/s")
-        chat_ratio = max(p_tps) / max(d_tps)
-        emb_ratio = max(p_eps) / max(d_eps)
-        print(f"\nchat tokens/s   direct {max(d_tps):7.1f} | through the platform "
-              f"{max(p_tps):7.1f} | ratio {chat_ratio:.2f} (target >= 0.85: "
-              f"{'met' if chat_ratio >= 0.85 else 'NOT met'})")
-        print(f"mean time to first token (8 queued)  direct {min(d_ttft)*1000:6.0f} ms | "
-              f"platform {min(p_ttft)*1000:6.0f} ms")
-        print(f"embeddings/s    direct {max(d_eps):7.0f} | through the platform "
-              f"{max(p_eps):7.0f} | ratio {emb_ratio:.2f} (target >= 0.80: "
-              f"{'met' if emb_ratio >= 0.8 else 'NOT met'})")
+                  f"ms) | platform {p_tps[-1]:6.1f} tok/s (ttft {p_ttft[-1]*1000:6.0f} ms) | "
+                  f"ratio {p_tps[-1] / d_tps[-1]:.2f}; embeddings direct {d_eps[-1]:6.0f}/s | "
+                  f"platform {p_eps[-1]:6.0f}/s | ratio {p_eps[-1] / d_eps[-1]:.2f}")
+        chat_ratio = statistics.median(p / d for p, d in zip(p_tps, d_tps, strict=True))
+        emb_ratio = statistics.median(p / d for p, d in zip(p_eps, d_eps, strict=True))
+        print(f"\nchat tokens/s   direct {statistics.median(d_tps):7.1f} | through the platform "
+              f"{statistics.median(p_tps):7.1f} (medians) | median of the rounds' ratios "
+              f"{chat_ratio:.2f} (target >= 0.85: {'met' if chat_ratio >= 0.85 else 'NOT met'})")
+        print(f"mean time to first token (8 queued)  direct "
+              f"{statistics.median(d_ttft)*1000:6.0f} ms | platform "
+              f"{statistics.median(p_ttft)*1000:6.0f} ms (medians)")
+        print(f"embeddings/s    direct {statistics.median(d_eps):7.0f} | through the platform "
+              f"{statistics.median(p_eps):7.0f} (medians) | median of the rounds' ratios "
+              f"{emb_ratio:.2f} (target >= 0.80: {'met' if emb_ratio >= 0.8 else 'NOT met'})")
     finally:
         proc.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -192,7 +211,7 @@ def main(args: argparse.Namespace) -> None:
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=5)
     return p.parse_args()
 
 

@@ -103,8 +103,11 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
         app.state.inference_service = service
         app.state.supervisor = supervisor
         app.state.metrics = metrics
-        app.state.metering = Metering(db, events, metrics, user_client,
-                                      cache_s=settings.inference_quota_cache_s)
+        metering = Metering(db, events, metrics, user_client,
+                            cache_s=settings.inference_quota_cache_s,
+                            flush_s=settings.inference_usage_flush_s)
+        metering.start()
+        app.state.metering = metering
         app.state.replica_http = replica_http
         app.state.verifier = verifier_for_service(settings, jwks)
         app.state.readiness.update({"database": db.ping, "bus": event_bus.ping})
@@ -120,6 +123,7 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
             if cluster is not None:
                 await cluster.close()
             await replica_http.aclose()
+            await metering.close()  # the last usage events, before the relay's last round
             await relay.stop()
             if own_bus:
                 await event_bus.close()

@@ -17,7 +17,6 @@ import orjson
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from starlette.background import BackgroundTask
 
 from services.inference import safety
 from services.inference.runtimes.base import Replica
@@ -171,18 +170,17 @@ async def _serve(request: Request, p: Principal, body: BaseModel, endpoint: str)
     service, meter = svc(request), metering(request)
     kind = "embedding" if endpoint == "embeddings" else "chat"
     await meter.check_quota(p.org_id)
-    async with service.db.transaction() as s:
-        deployment, route = await service.resolve(s, p, body.model, kind)  # type: ignore[attr-defined]
-        policy = await service.policy(s, p.org_id)
+    deployment_id, route, policy = await service.resolve(
+        p, body.model, kind)  # type: ignore[attr-defined]
     payload = body.model_dump(exclude_none=True)
-    call = meter.call(p, deployment_id=str(deployment.id), model=body.model,  # type: ignore[attr-defined]
+    call = meter.call(p, deployment_id=str(deployment_id), model=body.model,  # type: ignore[attr-defined]
                       route=route, endpoint=endpoint)
     if not policy.empty and kind == "chat":
         payload = await _guard_input(call, policy, payload, endpoint)
     try:
-        replica = service.supervisor.pick(str(deployment.id))
+        replica = service.supervisor.pick(str(deployment_id))
     except NoReplica as exc:
-        await call.finish(ok=False)
+        call.finish(ok=False)
         raise OpenAIError(503, "model_unavailable", str(exc)) from exc
     if replica.remote_model:
         payload["model"] = replica.remote_model
@@ -212,7 +210,7 @@ async def _guard_input(call: Call, policy: safety.Policy, payload: dict[str, Any
         payload["prompt"] = texts if isinstance(payload["prompt"], list) else texts[0]
     await call.safety_hits(verdict.hits)
     if verdict.blocked and verdict.blocked_by is not None:
-        await call.finish(ok=False)
+        call.finish(ok=False)
         raise OpenAIError(400, "content_blocked", f"the request was blocked by the "
                           f"organization's safety rule {verdict.blocked_by.rule_name!r}")
     return payload
@@ -227,13 +225,13 @@ async def _once(request: Request, call: Call, replica: Replica, endpoint: str,
                               headers=_headers(call, replica))
     except httpx.HTTPError as exc:
         request.app.state.supervisor.mark_broken(replica, str(exc))
-        await call.finish(ok=False)
+        call.finish(ok=False)
         raise OpenAIError(502, "replica_failed", "the model replica serving this request "
                           "failed while answering it; it is being replaced — retry") from exc
     finally:
         replica.inflight -= 1
     if r.status_code >= 400:
-        await call.finish(ok=False)
+        call.finish(ok=False)
         return _passthrough_error(r)
     data = orjson.loads(r.content)  # orjson: embeddings answers are megabytes of floats
     usage = data.get("usage") or {}
@@ -244,18 +242,16 @@ async def _once(request: Request, call: Call, replica: Replica, endpoint: str,
             verdict = policy.check(holder.get(key) or "", "output")
             await call.safety_hits(verdict.hits)
             if verdict.blocked and verdict.blocked_by is not None:
-                await call.finish(ok=False, prompt_tokens=usage.get("prompt_tokens", 0),
+                call.finish(ok=False, prompt_tokens=usage.get("prompt_tokens", 0),
                                   completion_tokens=usage.get("completion_tokens", 0))
                 raise OpenAIError(400, "content_blocked", "the model's answer was blocked by "
                                   f"the organization's safety rule "
                                   f"{verdict.blocked_by.rule_name!r}")
             holder[key] = verdict.text
     data["model"] = call.model
-    call.record(ok=True, prompt_tokens=usage.get("prompt_tokens", 0),
+    call.finish(ok=True, prompt_tokens=usage.get("prompt_tokens", 0),
                 completion_tokens=usage.get("completion_tokens", 0))
-    # The usage event and the quota update are written after the answer is sent.
-    return Response(orjson.dumps(data), media_type="application/json",
-                    background=BackgroundTask(call.flush))
+    return Response(orjson.dumps(data), media_type="application/json")
 
 
 async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
@@ -313,7 +309,7 @@ async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
                                      "request failed mid-answer; it is being replaced — retry"))
     finally:
         replica.inflight -= 1
-        await call.finish(ok=ok, prompt_tokens=usage.get("prompt_tokens", 0),
+        call.finish(ok=ok, prompt_tokens=usage.get("prompt_tokens", 0),
                           completion_tokens=usage.get("completion_tokens", 0),
                           first_token_at=first)
 

@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import os
 import random
+import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.inference import safety
@@ -67,6 +69,15 @@ class Sealer:
         return AESGCM(self._key).decrypt(sealed[:12], sealed[12:], str(org_id).encode()).decode()
 
 
+@dataclass(frozen=True, slots=True)
+class _Target:
+    """What a model name resolves to: a route's arms with weight, or one deployment;
+    (deployment id, weight, kind — None when the arm's deployment is gone)."""
+
+    route: str | None
+    arms: list[tuple[uuid.UUID, int, str | None]]
+
+
 class InferenceService:
     def __init__(self, settings: InferenceSettings, db: Database, supervisor: Supervisor,
                  events: Events) -> None:
@@ -75,7 +86,21 @@ class InferenceService:
         self.supervisor = supervisor
         self.events = events
         self.sealer = Sealer(settings.secret_key.get_secret_value())
-        self._policies: dict[uuid.UUID, safety.Policy] = {}
+        # Per-org lookups of the request path, kept for `inference_lookup_cache_s`: an org's
+        # safety policy, and what a model name resolves to. A change made here forgets the
+        # org's entries at once (and again at its commit); other replicas of the service see
+        # it within the cache time.
+        self._policies: dict[uuid.UUID, tuple[float, safety.Policy]] = {}
+        self._targets: dict[tuple[uuid.UUID, str], tuple[float, _Target]] = {}
+
+    def _forget(self, s: AsyncSession, org_id: uuid.UUID) -> None:
+        def forget(*_: Any) -> None:
+            self._policies.pop(org_id, None)
+            for key in [k for k in self._targets if k[0] == org_id]:
+                self._targets.pop(key, None)
+
+        forget()
+        event.listen(s.sync_session, "after_commit", forget, once=True)
 
     # ---- catalog -----------------------------------------------------------------------------
 
@@ -227,6 +252,7 @@ class InferenceService:
 
     async def update_deployment(self, s: AsyncSession, p: Principal, deployment_id: uuid.UUID,
                                 changes: dict[str, Any]) -> Deployment:
+        self._forget(s, p.org_id)
         d = await self.get_deployment(s, p, deployment_id)
         if "name" in changes and changes["name"] != d.name:
             await self._name_free(s, Deployment, p, changes["name"])
@@ -241,6 +267,7 @@ class InferenceService:
 
     async def delete_deployment(self, s: AsyncSession, p: Principal,
                                 deployment_id: uuid.UUID) -> None:
+        self._forget(s, p.org_id)
         d = await self.get_deployment(s, p, deployment_id)
         routes = [r.name for r in (await s.execute(RouteRepo(s, p.org_id).scoped())).scalars()
                   if any(a["deployment_id"] == str(d.id) for a in r.arms)]
@@ -296,6 +323,7 @@ class InferenceService:
 
     async def create_route(self, s: AsyncSession, p: Principal, *, name: str,
                            arms: list[dict[str, Any]]) -> Route:
+        self._forget(s, p.org_id)
         await self._name_free(s, Route, p, name)
         await self._name_free(s, Deployment, p, name)
         r = Route(org_id=p.org_id, name=name, arms=await self._check_arms(s, p, arms),
@@ -306,6 +334,7 @@ class InferenceService:
 
     async def update_route(self, s: AsyncSession, p: Principal, route_id: uuid.UUID,
                            arms: list[dict[str, Any]]) -> Route:
+        self._forget(s, p.org_id)
         r = await RouteRepo(s, p.org_id).get(route_id)
         r.arms = await self._check_arms(s, p, arms)
         await s.flush()
@@ -316,35 +345,61 @@ class InferenceService:
         return await RouteRepo(s, p.org_id).get(route_id)
 
     async def delete_route(self, s: AsyncSession, p: Principal, route_id: uuid.UUID) -> None:
+        self._forget(s, p.org_id)
         r = await RouteRepo(s, p.org_id).get(route_id)
         await RouteRepo(s, p.org_id).delete(r)
         await self.events.route_changed(s, r, "wb.inference.route.deleted", p.actor)
 
-    async def resolve(self, s: AsyncSession, p: Principal, name: str, kind: str
-                      ) -> tuple[Deployment, str | None]:
-        """The deployment a request for `name` goes to: a route's arm picked by weight, or
-        the deployment of that name. Returns (deployment, route name or None)."""
-        route = (await s.execute(RouteRepo(s, p.org_id).scoped().where(Route.name == name))
-                 ).scalar_one_or_none()
-        target: Deployment | None
-        if route is not None:
-            live = [a for a in route.arms if a["weight"] > 0]
-            if not live:
-                raise NotFound(f"route {name!r} has no arm with weight", code="model_not_found")
-            arm = random.choices(live, weights=[a["weight"] for a in live])[0]
-            target = (await s.execute(DeploymentRepo(s, p.org_id).scoped().where(
-                Deployment.id == uuid.UUID(arm["deployment_id"])))).scalar_one_or_none()
+    async def resolve(self, p: Principal, name: str, kind: str
+                      ) -> tuple[uuid.UUID, str | None, safety.Policy]:
+        """The deployment a request for `name` goes to — a route's arm picked by weight, or
+        the deployment of that name — its route's name (or None) and the org's safety policy.
+        Read from the database only when not cached."""
+        now, ttl = time.monotonic(), self.settings.inference_lookup_cache_s
+        cached = self._targets.get((p.org_id, name))
+        target = cached[1] if cached is not None and now - cached[0] <= ttl else None
+        held = self._policies.get(p.org_id)
+        policy = held[1] if held is not None and now - held[0] <= ttl else None
+        if target is None or policy is None:
+            async with self.db.transaction() as s:
+                if target is None:
+                    target = await self._lookup(s, p, name)
+                    self._targets[(p.org_id, name)] = (now, target)
+                if policy is None:
+                    policy = await self.policy(s, p.org_id)
+        if not target.arms:
+            raise NotFound(f"route {name!r} has no arm with weight", code="model_not_found")
+        if len(target.arms) == 1:
+            deployment_id, found_kind = target.arms[0][0], target.arms[0][2]
         else:
-            target = (await s.execute(DeploymentRepo(s, p.org_id).scoped().where(
-                Deployment.name == name))).scalar_one_or_none()
-        if target is None:
+            deployment_id, _, found_kind = random.choices(
+                target.arms, weights=[w for _, w, _ in target.arms])[0]
+        if found_kind is None:
             raise NotFound(f"the model {name!r} does not exist or is not deployed in this "
                            "organization (GET /v1/models lists what is)",
                            code="model_not_found")
-        if target.kind != kind:
-            raise BadRequest(f"{name!r} serves {target.kind}, not {kind}",
+        if found_kind != kind:
+            raise BadRequest(f"{name!r} serves {found_kind}, not {kind}",
                              code="wrong_model_kind")
-        return target, route.name if route is not None else None
+        return deployment_id, target.route, policy
+
+    async def _lookup(self, s: AsyncSession, p: Principal, name: str) -> _Target:
+        route = (await s.execute(RouteRepo(s, p.org_id).scoped().where(Route.name == name))
+                 ).scalar_one_or_none()
+        if route is None:
+            d = (await s.execute(DeploymentRepo(s, p.org_id).scoped().where(
+                Deployment.name == name))).scalar_one_or_none()
+            if d is None:  # not kept: a deployment created on another replica is found at once
+                raise NotFound(f"the model {name!r} does not exist or is not deployed in this "
+                               "organization (GET /v1/models lists what is)",
+                               code="model_not_found")
+            return _Target(None, [(d.id, 1, d.kind)])
+        arms = [a for a in route.arms if a["weight"] > 0]
+        ids = [uuid.UUID(a["deployment_id"]) for a in arms]
+        kinds = dict((await s.execute(select(Deployment.id, Deployment.kind).where(
+            Deployment.org_id == p.org_id, Deployment.id.in_(ids)))).all()) if ids else {}
+        return _Target(route.name, [(i, int(a["weight"]), kinds.get(i))
+                                    for i, a in zip(ids, arms, strict=True)])
 
     async def served_models(self, s: AsyncSession, p: Principal) -> list[dict[str, Any]]:
         deployments, _ = await DeploymentRepo(s, p.org_id).list(limit=1000)
@@ -362,7 +417,7 @@ class InferenceService:
         rule = SafetyRule(org_id=p.org_id, created_by=p.actor, **fields)
         self._compile_one(rule)
         await RuleRepo(s, p.org_id).add(rule)
-        self._policies.pop(p.org_id, None)
+        self._forget(s, p.org_id)
         await self.events.safety_rule_changed(s, rule, "wb.inference.safety_rule.created",
                                               p.actor)
         return rule
@@ -374,7 +429,7 @@ class InferenceService:
             setattr(rule, k, v)
         self._compile_one(rule)
         await s.flush()
-        self._policies.pop(p.org_id, None)
+        self._forget(s, p.org_id)
         await self.events.safety_rule_changed(s, rule, "wb.inference.safety_rule.updated",
                                               p.actor)
         return rule
@@ -382,7 +437,7 @@ class InferenceService:
     async def delete_rule(self, s: AsyncSession, p: Principal, rule_id: uuid.UUID) -> None:
         rule = await RuleRepo(s, p.org_id).get(rule_id)
         await RuleRepo(s, p.org_id).delete(rule)
-        self._policies.pop(p.org_id, None)
+        self._forget(s, p.org_id)
         await self.events.safety_rule_changed(s, rule, "wb.inference.safety_rule.deleted",
                                               p.actor)
 
@@ -399,13 +454,15 @@ class InferenceService:
                                    extra={"field": "patterns"}) from exc
 
     async def policy(self, s: AsyncSession, org_id: uuid.UUID) -> safety.Policy:
+        now = time.monotonic()
         cached = self._policies.get(org_id)
-        if cached is None:
-            rows = (await s.execute(select(SafetyRule).where(
-                SafetyRule.org_id == org_id, SafetyRule.enabled.is_(True))
-                .order_by(SafetyRule.id))).scalars()
-            cached = safety.Policy([self._as_rule(r) for r in rows])
-            self._policies[org_id] = cached
-        return cached
+        if cached is not None and now - cached[0] <= self.settings.inference_lookup_cache_s:
+            return cached[1]
+        rows = (await s.execute(select(SafetyRule).where(
+            SafetyRule.org_id == org_id, SafetyRule.enabled.is_(True))
+            .order_by(SafetyRule.id))).scalars()
+        policy = safety.Policy([self._as_rule(r) for r in rows])
+        self._policies[org_id] = (now, policy)
+        return policy
 
 

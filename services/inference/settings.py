@@ -29,6 +29,12 @@ class InferenceSettings(ServiceSettings):
     inference_worker_threads: int = Field(default=0, ge=0)
     # The org's token quota is re-read at most this often (a request past it is refused 429).
     inference_quota_cache_s: float = Field(default=2.0, ge=0)
+    # What a model name resolves to and an org's safety rules are re-read at most this often
+    # (changes made through this replica apply at once).
+    inference_lookup_cache_s: float = Field(default=1.0, ge=0, le=60)
+    # Usage events and quota updates of the calls finished within this window are written
+    # together (one transaction, one quota update per org), off the requests' path.
+    inference_usage_flush_s: float = Field(default=0.25, ge=0, le=10)
     # Start the replicas of deployments that were running when the service last stopped.
     inference_resume_deployments: bool = True
     # Kubernetes placement (docs/services/inference.md#kubernetes-placement): the `local` and

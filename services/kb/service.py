@@ -107,14 +107,21 @@ def can_write(kb: KnowledgeBase, p: Principal) -> bool:
     return can_read(kb, p) if not writers else _listed(writers, p)
 
 
-def document_matches(doc: Document, filters: Mapping[str, Any]) -> bool:
+def document_matches(doc: Any, filters: Mapping[str, Any]) -> bool:
+    """`doc`: a Document, or a row of `_LIVE_COLUMNS` (document_id, format, meta)."""
     for key, want in filters.items():
-        have = (str(doc.id) if key == "document_id" else doc.format if key == "format"
+        doc_id = doc.id if isinstance(doc, Document) else doc.document_id
+        have = (str(doc_id) if key == "document_id" else doc.format if key == "format"
                 else (doc.meta or {}).get(key))
         wanted = want if isinstance(want, list) else [want]
         if have not in wanted:
             return False
     return True
+
+
+# What a hit shows of a chunk and its document (and what filters look at).
+_LIVE_COLUMNS = (Chunk.id, Chunk.idx, Chunk.text, Chunk.heading, Chunk.page,
+                 Document.id.label("document_id"), Document.name, Document.format, Document.meta)
 
 
 class KbService:
@@ -373,7 +380,11 @@ class KbService:
         vector_hits: list[Hit] = []
         keyword_hits: list[Hit] = []
         if mode in ("vector", "hybrid"):
-            vector_hits = await self._vector_search(s, p, kb, query, want, filters, meta_filters)
+            # Vector mode reads a few more ids than it returns (some may be gone); hybrid
+            # fuses the longer lists of both sides.
+            vector_hits = await self._vector_search(
+                s, p, kb, query, min(MAX_TOP_K, top_k * 2) if mode == "vector" else want,
+                filters, meta_filters, need=top_k if mode == "vector" else want)
             if score_threshold is not None:
                 vector_hits = [h for h in vector_hits if h.score >= score_threshold]
         if mode in ("keyword", "hybrid"):
@@ -404,32 +415,40 @@ class KbService:
         return out
 
     async def _live_chunks(self, s: AsyncSession, kb: KnowledgeBase, ids: Sequence[uuid.UUID]
-                           ) -> dict[uuid.UUID, tuple[Chunk, Document]]:
+                           ) -> dict[uuid.UUID, Any]:
+        """The rows (`_LIVE_COLUMNS`) of those chunks that are searchable: indexed, of their
+        document's live generation, of this org's knowledge base."""
         if not ids:
             return {}
-        rows = (await s.execute(select(Chunk, Document).join(
+        rows = (await s.execute(select(*_LIVE_COLUMNS).join(
             Document, Document.id == Chunk.document_id).where(
             Chunk.id.in_(list(ids)), Chunk.kb_id == kb.id, Chunk.org_id == kb.org_id,
             Chunk.indexed.is_(True), Chunk.generation == Document.live_generation))).all()
-        return {c.id: (c, d) for c, d in rows}
+        return {r.id: r for r in rows}
 
     async def _vector_search(self, s: AsyncSession, p: Principal, kb: KnowledgeBase,
-                             query: str, want: int, filters: Mapping[str, Any],
-                             meta_filters: Mapping[str, Any]) -> list[Hit]:
+                             query: str, limit: int, filters: Mapping[str, Any],
+                             meta_filters: Mapping[str, Any], need: int) -> list[Hit]:
+        """At least `need` live hits when there are, best first: Milvus is asked for `limit`
+        ids (a search's cost grows with it), their chunks read from SQL; when replaced or
+        deleted documents (whose vectors are still being removed) leave fewer than `need`,
+        the search is repeated with a larger limit."""
         [vector] = await self.upstream.embed(kb.org_id, p.user_id, kb.embedding_model, [query])
         doc_ids = filters.get("document_id")
-        hits = await self.vectors.search(
-            kb.id, kb.org_id, vector, want, filters=meta_filters or None,
-            document_ids=([doc_ids] if isinstance(doc_ids, str) else doc_ids)
-            if doc_ids is not None else None)
-        live = await self._live_chunks(s, kb, [uuid.UUID(h.chunk_id) for h in hits])
-        out = []
-        for h in hits:
-            found = live.get(uuid.UUID(h.chunk_id))
-            if found is None or not document_matches(found[1], filters):
-                continue
-            out.append(self._hit(found[0], found[1], h.score))
-        return out
+        while True:
+            hits = await self.vectors.search(
+                kb.id, kb.org_id, vector, limit, filters=meta_filters or None,
+                document_ids=([doc_ids] if isinstance(doc_ids, str) else doc_ids)
+                if doc_ids is not None else None, with_text=False)
+            live = await self._live_chunks(s, kb, [uuid.UUID(h.chunk_id) for h in hits])
+            out = []
+            for h in hits:
+                found = live.get(uuid.UUID(h.chunk_id))
+                if found is not None and document_matches(found, filters):
+                    out.append(self._hit(found, h.score))
+            if len(out) >= need or len(hits) < limit or limit >= MAX_TOP_K:
+                return out
+            limit = min(MAX_TOP_K, limit * 4)
 
     async def _keyword_search(self, s: AsyncSession, kb: KnowledgeBase, query: str, want: int,
                               filters: Mapping[str, Any]) -> list[Hit]:
@@ -460,18 +479,18 @@ class KbService:
         out = []
         for chunk_id, score in ranked:
             found = live.get(chunk_id)
-            if found is None or not document_matches(found[1], filters):
+            if found is None or not document_matches(found, filters):
                 continue
-            out.append(self._hit(found[0], found[1], score))
+            out.append(self._hit(found, score))
             if len(out) >= want:
                 break
         return out
 
     @staticmethod
-    def _hit(c: Chunk, d: Document, score: float) -> Hit:
-        return Hit(chunk_id=str(c.id), document_id=str(d.id), document_name=d.name,
-                   chunk_index=c.idx, text=c.text, heading=c.heading, page=c.page,
-                   score=float(score), metadata=dict(d.meta or {}))
+    def _hit(r: Any, score: float) -> Hit:
+        return Hit(chunk_id=str(r.id), document_id=str(r.document_id), document_name=r.name,
+                   chunk_index=r.idx, text=r.text, heading=r.heading, page=r.page,
+                   score=float(score), metadata=dict(r.meta or {}))
 
     # ---- scheduled refresh -------------------------------------------------------------------
 

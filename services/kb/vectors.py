@@ -46,6 +46,7 @@ _FILTER_KEY = re.compile(r"[A-Za-z0-9_]{1,64}")
 _CHUNK_ID = re.compile(r"[A-Za-z0-9_:.\-]{1,128}")
 _COLLECTION_NOT_FOUND = 100
 _OUTPUT_FIELDS = ["chunk_id", "document_id", "chunk_index", "text", "page", "heading", "metadata"]
+_ID_FIELDS = ["chunk_id", "document_id", "chunk_index"]
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -385,10 +386,12 @@ class VectorStore:
                      vector: Sequence[float], top_k: int = 5, *,
                      filters: Mapping[str, FilterValue] | None = None,
                      score_threshold: float | None = None,
-                     document_ids: Sequence[str | uuid.UUID] | None = None) -> list[VectorHit]:
+                     document_ids: Sequence[str | uuid.UUID] | None = None,
+                     with_text: bool = True) -> list[VectorHit]:
         """The `top_k` chunks closest to `vector` (cosine) in this org's knowledge base, best
         first, those under `score_threshold` left out; `filters` match metadata values,
-        `document_ids` (when given) restricts the search to those documents."""
+        `document_ids` (when given) restricts the search to those documents. Without
+        `with_text` the hits carry ids and scores only (Milvus then reads no stored text)."""
         if not 1 <= top_k <= MAX_TOP_K:
             raise ValidationFailed(f"top_k must be 1..{MAX_TOP_K}, got {top_k}")
         query = [float(x) for x in vector]
@@ -411,7 +414,8 @@ class VectorStore:
             if not self._exists(c, name):
                 return []
             result = c.search(name, data=[query], limit=top_k, filter=expr,
-                              output_fields=_OUTPUT_FIELDS, anns_field="vector",
+                              output_fields=_OUTPUT_FIELDS if with_text else _ID_FIELDS,
+                              anns_field="vector",
                               search_params={"metric_type": "COSINE"}, timeout=self._timeout)
             return [_hit(h) for h in result[0]]
 

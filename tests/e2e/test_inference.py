@@ -318,6 +318,51 @@ def test_requests_over_the_token_quota_get_429(served: Served) -> None:
         assert err.value.code == "quota_exceeded"
 
 
+def test_each_call_is_metered_as_a_usage_event_and_on_the_quota(served: Served) -> None:
+    """One usage event per call (org, key, tokens, the request's id), written in the background
+    by the metering writer, and the tokens added to the org's quota."""
+    with served.platform.client(timeout=120) as client:
+        org = register(client)
+        made = client.post("/api/v1/api-keys", headers=org.headers, json={
+            "name": "metered", "scopes": ["inference:execute"]}).json()
+        deploy(client, org.headers, "meter", "builtin:all-minilm-l6-v2")
+        h = {"authorization": f"Bearer {made['key']}"}
+        sent: dict[str, int] = {}
+        for i in range(5):
+            rid = f"metered-{unique()}"
+            r = client.post("/v1/embeddings", headers={**h, "x-request-id": rid}, json={
+                "model": "meter", "input": ["tokens to meter"] * (i + 1)})
+            assert r.status_code == 200, r.text
+            sent[rid] = r.json()["usage"]["prompt_tokens"]
+        bad = client.post("/v1/embeddings", headers=h, json={"model": "meter", "input": [""]})
+        assert bad.status_code == 400
+        deadline = time.monotonic() + 20
+        while True:
+            rows = served.platform.db_rows(
+                "SELECT payload FROM wb_outbox WHERE type = 'wb.inference.usage.recorded'",
+                service="inference")
+            mine = [e for e in (json.loads(bytes(r[0])) for r in rows)
+                    if e["org_id"] == org.org_id]
+            if len(mine) >= 6 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert len(mine) == 6, mine  # the five calls and the refused one
+        ok = {e["request_id"]: e["data"] for e in mine if e["data"]["ok"]}
+        assert {rid: d["prompt_tokens"] for rid, d in ok.items()} == sent
+        public_id = made["key"].split("_")[1]  # wbk_<public id>_<secret>: the key's id in events
+        assert all(d["key_id"] == public_id and d["endpoint"] == "embeddings"
+                   for d in ok.values())
+        assert [e["data"]["prompt_tokens"] for e in mine if not e["data"]["ok"]] == [0]
+        deadline = time.monotonic() + 20
+        while True:
+            quotas = client.get(f"/api/v1/orgs/{org.org_id}/quotas", headers=org.headers)
+            used = {q["resource"]: q["used"] for q in quotas.json()}["tokens_per_day"]
+            if used >= sum(sent.values()) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert used == sum(sent.values())
+
+
 def test_safety_rules_block_and_redact(served: Served) -> None:
     with served.platform.client() as client:
         block = client.post("/api/v1/inference/safety-rules", headers=served.h, json={

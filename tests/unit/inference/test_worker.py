@@ -270,14 +270,16 @@ def test_client_leaving_mid_stream_frees_the_replica(chat: str) -> None:
     body = {"messages": [{"role": "user", "content": "Write a very long story."}],
             "max_tokens": 1500, "logit_bias": NO_EOS, "stream": True}
     with httpx.stream("POST", f"{chat}/v1/chat/completions", json=body, timeout=300) as r:
-        seen = 0
+        seen, busy = 0, None
         for line in r.iter_lines():
             seen += line.startswith("data: ")
             if seen >= 4:
+                # Still generating while the client holds the stream. Checked inside the loop:
+                # leaving it closes the connection (httpcore closes a stream whose iteration is
+                # abandoned), and the worker may notice that within a token.
+                busy = httpx.get(f"{chat}/health").json()["busy"]
                 break
-        # Still generating while the client reads no more (checked before it hangs up: once it
-        # has, the worker may notice within a token, before any check here could run).
-        assert httpx.get(f"{chat}/health").json()["busy"] is True
+        assert busy is True
     # 1500 tokens would take ~20 s: the generation stops at the next token instead.
     deadline = time.monotonic() + 5
     while httpx.get(f"{chat}/health").json()["busy"]:
