@@ -5,6 +5,7 @@ limit — while Redis is unreachable."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import math
@@ -108,14 +109,19 @@ class RedisRateLimiter:
     """Shared budget in Redis; on a Redis error it falls back to `fallback` for `retry_s`
     before trying Redis again.
 
-    The per-request call is one EVALSHA on a connection of the limiter's own: measured, the
+    Calls are pipelined: the counters asked for in one turn of the event loop go to Redis
+    together — one write of their `EVALSHA`s and one read of the answers on a connection of the
+    limiter's own — so a burst of a thousand concurrent requests costs one round trip, not a
+    thousand connections (whose opening, on a busy machine, took longer than the timeout and
+    made a burst look like Redis being down). A lone request still costs one round trip: the
     client's generic path (pool checkout with a liveness probe, retry wrapper, a task per write
-    for the socket timeout) cost twice the round trip itself. Up to `max_connections` are open
-    at once; a burst beyond that waits (up to 4 x `timeout_s`) for one instead of failing, so a
-    full pool is never mistaken for Redis being down."""
+    for the socket timeout) measured twice that. Up to `max_connections` batches are in flight
+    at once; one beyond that waits (up to 4 x `timeout_s`) for a connection instead of failing,
+    so a full pool is never mistaken for Redis being down."""
 
     def __init__(self, url: str, *, prefix: str = "wb:rl", retry_s: float = 5.0,
-                 timeout_s: float = 0.5, max_connections: int = 64) -> None:
+                 timeout_s: float = 0.5, max_connections: int = 64,
+                 max_batch: int = 512) -> None:
         # The client proper serves readiness pings.
         pool = BlockingConnectionPool.from_url(
             url, max_connections=max_connections, timeout=timeout_s * 4,
@@ -128,6 +134,9 @@ class RedisRateLimiter:
         self._closed = False
         self._slots = asyncio.Semaphore(max_connections)
         self._timeout_s = timeout_s
+        self._max_batch = max_batch
+        self._queue: list[tuple[str, int, asyncio.Future[int]]] = []
+        self._batches: set[asyncio.Task[None]] = set()
         self._prefix = prefix
         self._fallback = MemoryRateLimiter()
         self._retry_s = retry_s
@@ -146,14 +155,46 @@ class RedisRateLimiter:
                     self.degraded = False
                 return _decide(count, rate, now)
             except (RedisError, OSError) as exc:
-                self._down_until = now + self._retry_s
+                self._down_until = max(self._down_until, time.time() + self._retry_s)
                 if not self.degraded:
                     log.warning("rate limiter: Redis unreachable (%s); using local limits",
                             exc if str(exc) else f"{type(exc).__name__}: no answer in time")
                 self.degraded = True
         return await self._fallback.acquire(key, rate)
 
-    async def _incr(self, rkey: str, ttl_ms: int) -> int:
+    def _incr(self, rkey: str, ttl_ms: int) -> asyncio.Future[int]:
+        """The key's new count, from the batch this turn of the event loop sends."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[int] = loop.create_future()
+        if not self._queue:
+            loop.call_soon(self._send_queued)
+        self._queue.append((rkey, ttl_ms, fut))
+        return fut
+
+    def _send_queued(self) -> None:
+        queued, self._queue = self._queue, []
+        for i in range(0, len(queued), self._max_batch):
+            # A task of its own: a caller that gives up does not abort the others' answers.
+            task = asyncio.ensure_future(self._send(queued[i:i + self._max_batch]))
+            self._batches.add(task)
+            task.add_done_callback(self._batches.discard)
+
+    async def _send(self, batch: list[tuple[str, int, asyncio.Future[int]]]) -> None:
+        try:
+            counts = await self._run(batch)
+        except BaseException as exc:
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc if isinstance(exc, Exception)
+                                      else RedisConnectionError("the limiter was stopped"))
+            if not isinstance(exc, Exception):
+                raise
+            return
+        for (_, _, fut), count in zip(batch, counts, strict=True):
+            if not fut.done():  # its caller may have given up meanwhile
+                fut.set_result(count)
+
+    async def _run(self, batch: list[tuple[str, int, asyncio.Future[int]]]) -> list[int]:
         if self._slots.locked():
             try:
                 async with asyncio.timeout(self._timeout_s * 4):
@@ -162,43 +203,42 @@ class RedisRateLimiter:
                 raise RedisConnectionError("No connection available.") from None
         else:
             await self._slots.acquire()  # free: returns at once
+        commands = [(rkey, ttl_ms) for rkey, ttl_ms, _ in batch]
         try:
             # A connection that sat idle may have been closed by the server meanwhile (a
-            # restart, an idle timeout): the command then never ran, and goes once more on a
+            # restart, an idle timeout): the commands then never ran, and go once more on a
             # fresh connection; the other idle ones are likely as stale.
             reused = bool(self._idle)
             try:
-                return await self._call(rkey, ttl_ms)
+                return await self._call(commands)
             except RedisConnectionError:
                 if not reused:
                     raise
             stale, self._idle = self._idle, []
             for conn in stale:
                 await conn.disconnect(nowait=True)
-            return await self._call(rkey, ttl_ms)
+            return await self._call(commands)
         finally:
             self._slots.release()
 
-    async def _call(self, rkey: str, ttl_ms: int) -> int:
+    async def _call(self, commands: list[tuple[str, int]]) -> list[int]:
         conn = self._idle.pop() if self._idle else self._new_connection()
         try:
             if not conn.is_connected:
                 # Connect and handshake under the socket timeouts, as the client does; the
-                # command below is limited as a whole instead (a timeout on each socket write
-                # costs a task per write).
+                # commands below are limited as a whole instead (a timeout on each socket
+                # write costs a task per write).
                 conn.socket_timeout = self._timeout_s
                 await conn.connect_check_health(check_health=False)
                 conn.socket_timeout = None
             async with asyncio.timeout(self._timeout_s):
-                try:
-                    await conn.send_packed_command(
-                        conn.pack_command("EVALSHA", _LUA_SHA, 1, rkey, ttl_ms),
-                        check_health=False)
-                    reply = await conn.read_response()
-                except NoScriptError:  # a fresh or flushed Redis: load it, once
-                    await conn.send_packed_command(
-                        conn.pack_command("EVAL", _LUA, 1, rkey, ttl_ms), check_health=False)
-                    reply = await conn.read_response()
+                counts = await self._exchange(conn, "EVALSHA", _LUA_SHA, commands)
+                missing = [i for i, n in enumerate(counts) if n is None]
+                if missing:  # a fresh or flushed Redis: the script goes along, once
+                    loaded = await self._exchange(conn, "EVAL", _LUA,
+                                                  [commands[i] for i in missing])
+                    for i, n in zip(missing, loaded, strict=True):
+                        counts[i] = n
         except BaseException:
             # Failed, timed out or cancelled half-way: whatever it still has to say would be
             # read as the answer to the next command.
@@ -208,7 +248,25 @@ class RedisRateLimiter:
             await conn.disconnect(nowait=True)
         else:
             self._idle.append(conn)
-        return int(reply)
+        if any(n is None for n in counts):
+            raise RedisError("Redis does not know the rate-limit script it was just given")
+        return [int(n) for n in counts if n is not None]
+
+    @staticmethod
+    async def _exchange(conn: AbstractConnection, verb: str, script: str,
+                        commands: list[tuple[str, int]]) -> list[int | None]:
+        """Sends the commands in one write and reads their answers in order; None where Redis
+        did not know the script."""
+        await conn.send_packed_command(
+            conn.pack_commands([(verb, script, 1, rkey, ttl_ms) for rkey, ttl_ms in commands]),
+            check_health=False)
+        out: list[int | None] = []
+        for _ in commands:
+            try:
+                out.append(int(await conn.read_response()))
+            except NoScriptError:  # every answer is still read: the stream stays in step
+                out.append(None)
+        return out
 
     def _new_connection(self) -> AbstractConnection:
         return self._factory.connection_class(**self._factory.connection_kwargs)
@@ -218,6 +276,9 @@ class RedisRateLimiter:
 
     async def close(self) -> None:
         self._closed = True
+        for task in list(self._batches):  # answers already asked for are still given
+            with contextlib.suppress(Exception):
+                await task
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.disconnect(nowait=True)

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.conftest import Platform
-from workbench.ratelimit import Rate, RedisRateLimiter
+from workbench.ratelimit import Decision, Rate, RedisRateLimiter
 from workbench.testing import (
     ApiUser,
     RedisServer,
@@ -94,6 +94,61 @@ async def test_two_limiters_on_one_key_share_one_budget_under_concurrency() -> N
         "concurrent calls made a limiter fall back to its local budget")
     # One atomic counter: every allowed request saw a different count.
     assert sorted(d.remaining for d in decisions if d.allowed) == list(range(rate.limit))
+
+
+async def test_a_burst_goes_to_redis_as_one_pipelined_batch_on_one_connection() -> None:
+    await asyncio.sleep(window_wait(3.0))
+    limiter = RedisRateLimiter(REDIS_URL)
+    rate = Rate(100, WINDOW_S)
+    key = unique("rl-burst-")
+    try:
+        decisions = await asyncio.gather(*(limiter.acquire(key, rate) for _ in range(500)))
+        assert not limiter.degraded
+        assert len(limiter._idle) == 1  # one connection carried the whole burst (< max_batch)
+    finally:
+        await limiter.close()
+    assert sum(d.allowed for d in decisions) == rate.limit
+    # Answers come back in the order asked: the first hundred callers got the budget.
+    assert [d.remaining for d in decisions[:100]] == list(range(99, -1, -1))
+    assert not any(d.allowed for d in decisions[100:])
+
+
+async def test_a_flushed_script_is_given_again_within_a_batch() -> None:
+    await asyncio.sleep(window_wait(3.0))
+    limiter = RedisRateLimiter(REDIS_URL)
+    rate = Rate(25, WINDOW_S)
+    key = unique("rl-noscript-")
+    try:
+        await limiter.acquire(unique("rl-warm-"), rate)  # the script is known ...
+        await limiter._redis.script_flush()  # ... and then forgotten, as after a restart
+        decisions = await asyncio.gather(*(limiter.acquire(key, rate) for _ in range(40)))
+        assert not limiter.degraded
+        again = await limiter.acquire(key, rate)
+    finally:
+        await limiter.close()
+    assert [d.allowed for d in decisions] == [True] * 25 + [False] * 15
+    assert not again.allowed and again.remaining == 0
+
+
+async def test_a_caller_that_gives_up_does_not_cost_the_others_their_answers() -> None:
+    await asyncio.sleep(window_wait(3.0))
+    limiter = RedisRateLimiter(REDIS_URL)
+    rate = Rate(25, WINDOW_S)
+    key = unique("rl-cancel-")
+    try:
+        tasks = [asyncio.create_task(limiter.acquire(key, rate)) for _ in range(10)]
+        await asyncio.sleep(0)  # all ten asked; the batch is on its way
+        tasks[3].cancel()
+        done = await asyncio.gather(*tasks, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        assert not limiter.degraded
+        after = await limiter.acquire(key, rate)
+    finally:
+        await limiter.close()
+    answered = [d for i, d in enumerate(done) if i != 3]
+    assert all(isinstance(d, Decision) and d.allowed for d in answered)
+    # The cancelled call was counted (it was sent): the next one is the eleventh.
+    assert after.remaining == rate.limit - 11
 
 
 # ---- end to end: two gateway processes, one budget --------------------------------------------
