@@ -6,7 +6,6 @@ shape so the official clients understand them."""
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -276,7 +275,7 @@ async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if chunk.get("usage"):
                     usage = chunk["usage"]
                     if not chunk.get("choices"):
