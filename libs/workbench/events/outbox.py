@@ -137,6 +137,10 @@ class OutboxRelay:
         self.batch_size = batch_size
         self.poll_interval_s = poll_interval_s
         self.keep_published = keep_published
+        t = tables.outbox
+        # Built once: a relay runs this after every commit that wrote events.
+        self._pending_stmt = (select(t.c.seq, t.c.payload).where(t.c.published_at.is_(None))
+                              .order_by(t.c.seq).limit(batch_size))
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._backoff = 0.0
@@ -216,13 +220,7 @@ class OutboxRelay:
         in a second one: a bus that hangs (NATS going away mid-publish) must not stall every
         writer of the service. A row published but not marked is published again next round,
         which the bus deduplicates by event id."""
-        t = self.tables.outbox
-        stmt = (
-            select(t.c.seq, t.c.payload)
-            .where(t.c.published_at.is_(None))
-            .order_by(t.c.seq)
-            .limit(self.batch_size)
-        )
+        stmt = self._pending_stmt
         if self.db.is_sqlite:
             async with self.db.transaction() as session:
                 rows = list((await session.execute(stmt)).all())
