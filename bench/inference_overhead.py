@@ -179,24 +179,30 @@ def main(args: argparse.Namespace) -> None:
         p_ttft: list[float] = []
         d_eps: list[float] = []
         p_eps: list[float] = []
-        for r in range(1, args.rounds + 1):
-            platform_first = r % 2 == 0
-            if platform_first:
-                tps, ttft = asyncio.run(platform_chat(base, key, "chat", args.max_tokens))
-                p_tps.append(tps)
-                p_ttft.append(ttft)
+
+        def chat_direct() -> None:
             tps, ttft = direct_chat(args.max_tokens)
             d_tps.append(tps)
             d_ttft.append(ttft)
-            if not platform_first:
-                tps, ttft = asyncio.run(platform_chat(base, key, "chat", args.max_tokens))
-                p_tps.append(tps)
-                p_ttft.append(ttft)
-            if platform_first:
-                p_eps.append(asyncio.run(platform_embeddings(base, key, "embed")))
+
+        def chat_platform() -> None:
+            tps, ttft = asyncio.run(platform_chat(base, key, "chat", args.max_tokens))
+            p_tps.append(tps)
+            p_ttft.append(ttft)
+
+        def embed_direct() -> None:
             d_eps.append(direct_embeddings())
-            if not platform_first:
-                p_eps.append(asyncio.run(platform_embeddings(base, key, "embed")))
+
+        def embed_platform() -> None:
+            p_eps.append(asyncio.run(platform_embeddings(base, key, "embed")))
+
+        for r in range(1, args.rounds + 1):
+            pairs = [(chat_direct, chat_platform), (embed_direct, embed_platform)]
+            for direct_side, platform_side in pairs:
+                # Direct first in odd rounds, the platform first in even ones.
+                for step in ((platform_side, direct_side) if r % 2 == 0
+                             else (direct_side, platform_side)):
+                    step()
             print(f"round {r}: chat direct {d_tps[-1]:6.1f} tok/s (ttft {d_ttft[-1]*1000:6.0f} "
                   f"ms) | platform {p_tps[-1]:6.1f} tok/s (ttft {p_ttft[-1]*1000:6.0f} ms) | "
                   f"ratio {p_tps[-1] / d_tps[-1]:.2f}; embeddings direct {d_eps[-1]:6.0f}/s | "

@@ -242,7 +242,7 @@ async def _once(request: Request, call: Call, replica: Replica, endpoint: str,
             await call.safety_hits(verdict.hits)
             if verdict.blocked and verdict.blocked_by is not None:
                 call.finish(ok=False, prompt_tokens=usage.get("prompt_tokens", 0),
-                                  completion_tokens=usage.get("completion_tokens", 0))
+                            completion_tokens=usage.get("completion_tokens", 0))
                 raise OpenAIError(400, "content_blocked", "the model's answer was blocked by "
                                   f"the organization's safety rule "
                                   f"{verdict.blocked_by.rule_name!r}")
@@ -309,8 +309,7 @@ async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
     finally:
         replica.inflight -= 1
         call.finish(ok=ok, prompt_tokens=usage.get("prompt_tokens", 0),
-                          completion_tokens=usage.get("completion_tokens", 0),
-                          first_token_at=first)
+                    completion_tokens=usage.get("completion_tokens", 0), first_token_at=first)
 
 
 def _has_text(chunk: dict[str, Any]) -> bool:

@@ -10,7 +10,7 @@ import random
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
@@ -67,6 +67,9 @@ class Sealer:
 
     def open(self, org_id: uuid.UUID, sealed: bytes) -> str:
         return AESGCM(self._key).decrypt(sealed[:12], sealed[12:], str(org_id).encode()).decode()
+
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,11 +358,9 @@ class InferenceService:
         """The deployment a request for `name` goes to — a route's arm picked by weight, or
         the deployment of that name — its route's name (or None) and the org's safety policy.
         Read from the database only when not cached."""
-        now, ttl = time.monotonic(), self.settings.inference_lookup_cache_s
-        cached = self._targets.get((p.org_id, name))
-        target = cached[1] if cached is not None and now - cached[0] <= ttl else None
-        held = self._policies.get(p.org_id)
-        policy = held[1] if held is not None and now - held[0] <= ttl else None
+        now = time.monotonic()
+        target = self._fresh(self._targets.get((p.org_id, name)), now)
+        policy = self._fresh(self._policies.get(p.org_id), now)
         if target is None or policy is None:
             async with self.db.transaction() as s:
                 if target is None:
@@ -453,11 +454,16 @@ class InferenceService:
             raise ValidationFailed(str(exc), code="invalid_rule",
                                    extra={"field": "patterns"}) from exc
 
+    def _fresh(self, entry: tuple[float, _T] | None, now: float) -> _T | None:
+        """A cached lookup's value while it is younger than `inference_lookup_cache_s`."""
+        if entry is not None and now - entry[0] <= self.settings.inference_lookup_cache_s:
+            return entry[1]
+        return None
+
     async def policy(self, s: AsyncSession, org_id: uuid.UUID) -> safety.Policy:
         now = time.monotonic()
-        cached = self._policies.get(org_id)
-        if cached is not None and now - cached[0] <= self.settings.inference_lookup_cache_s:
-            return cached[1]
+        if (cached := self._fresh(self._policies.get(org_id), now)) is not None:
+            return cached
         rows = (await s.execute(select(SafetyRule).where(
             SafetyRule.org_id == org_id, SafetyRule.enabled.is_(True))
             .order_by(SafetyRule.id))).scalars()

@@ -107,12 +107,11 @@ def can_write(kb: KnowledgeBase, p: Principal) -> bool:
     return can_read(kb, p) if not writers else _listed(writers, p)
 
 
-def document_matches(doc: Any, filters: Mapping[str, Any]) -> bool:
-    """`doc`: a Document, or a row of `_LIVE_COLUMNS` (document_id, format, meta)."""
+def document_matches(row: Any, filters: Mapping[str, Any]) -> bool:
+    """`row`: a row of `_LIVE_COLUMNS` (document_id, format, meta)."""
     for key, want in filters.items():
-        doc_id = doc.id if isinstance(doc, Document) else doc.document_id
-        have = (str(doc_id) if key == "document_id" else doc.format if key == "format"
-                else (doc.meta or {}).get(key))
+        have = (str(row.document_id) if key == "document_id" else row.format
+                if key == "format" else (row.meta or {}).get(key))
         wanted = want if isinstance(want, list) else [want]
         if have not in wanted:
             return False

@@ -4,9 +4,10 @@ processes end to end, and the local fallback (never no limit) when Redis goes aw
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import httpx
@@ -36,6 +37,17 @@ def window_wait(room_s: float, window_s: int = WINDOW_S) -> float:
     return left + 0.05 if left < room_s else 0.0
 
 
+@contextlib.asynccontextmanager
+async def limiter_in_a_fresh_window(room_s: float = 3.0) -> AsyncIterator[RedisRateLimiter]:
+    """A limiter on the shared Redis, started where a burst fits in one window."""
+    await asyncio.sleep(window_wait(room_s))
+    limiter = RedisRateLimiter(REDIS_URL)
+    try:
+        yield limiter
+    finally:
+        await limiter.close()
+
+
 def start_gateway(platform: Platform, workdir: Path, **env: str) -> tuple[str, ServerProcess]:
     port = free_port()
     proc = ServerProcess([*WB, "serve", "gateway", "--port", str(port)],
@@ -57,15 +69,11 @@ def problem_headers_ok(r: httpx.Response, limit: int) -> None:
 
 
 async def test_redis_limiter_allows_exactly_the_limit_then_denies_with_retry_after() -> None:
-    await asyncio.sleep(window_wait(2.0))
-    limiter = RedisRateLimiter(REDIS_URL)
     rate = Rate(25, WINDOW_S)
     key = unique("rl-seq-")
-    try:
+    async with limiter_in_a_fresh_window(2.0) as limiter:
         decisions = [await limiter.acquire(key, rate) for _ in range(30)]
         assert not limiter.degraded
-    finally:
-        await limiter.close()
     assert [d.allowed for d in decisions] == [True] * 25 + [False] * 5
     assert [d.remaining for d in decisions[:25]] == list(range(24, -1, -1))
     for d in decisions[25:]:
@@ -97,16 +105,12 @@ async def test_two_limiters_on_one_key_share_one_budget_under_concurrency() -> N
 
 
 async def test_a_burst_goes_to_redis_as_one_pipelined_batch_on_one_connection() -> None:
-    await asyncio.sleep(window_wait(3.0))
-    limiter = RedisRateLimiter(REDIS_URL)
     rate = Rate(100, WINDOW_S)
     key = unique("rl-burst-")
-    try:
+    async with limiter_in_a_fresh_window() as limiter:
         decisions = await asyncio.gather(*(limiter.acquire(key, rate) for _ in range(500)))
         assert not limiter.degraded
         assert len(limiter._idle) == 1  # one connection carried the whole burst (< max_batch)
-    finally:
-        await limiter.close()
     assert sum(d.allowed for d in decisions) == rate.limit
     # Answers come back in the order asked: the first hundred callers got the budget.
     assert [d.remaining for d in decisions[:100]] == list(range(99, -1, -1))
@@ -114,28 +118,22 @@ async def test_a_burst_goes_to_redis_as_one_pipelined_batch_on_one_connection() 
 
 
 async def test_a_flushed_script_is_given_again_within_a_batch() -> None:
-    await asyncio.sleep(window_wait(3.0))
-    limiter = RedisRateLimiter(REDIS_URL)
     rate = Rate(25, WINDOW_S)
     key = unique("rl-noscript-")
-    try:
+    async with limiter_in_a_fresh_window() as limiter:
         await limiter.acquire(unique("rl-warm-"), rate)  # the script is known ...
         await limiter._redis.script_flush()  # ... and then forgotten, as after a restart
         decisions = await asyncio.gather(*(limiter.acquire(key, rate) for _ in range(40)))
         assert not limiter.degraded
         again = await limiter.acquire(key, rate)
-    finally:
-        await limiter.close()
     assert [d.allowed for d in decisions] == [True] * 25 + [False] * 15
     assert not again.allowed and again.remaining == 0
 
 
 async def test_a_caller_that_gives_up_does_not_cost_the_others_their_answers() -> None:
-    await asyncio.sleep(window_wait(3.0))
-    limiter = RedisRateLimiter(REDIS_URL)
     rate = Rate(25, WINDOW_S)
     key = unique("rl-cancel-")
-    try:
+    async with limiter_in_a_fresh_window() as limiter:
         tasks = [asyncio.create_task(limiter.acquire(key, rate)) for _ in range(10)]
         await asyncio.sleep(0)  # all ten asked; the batch is on its way
         tasks[3].cancel()
@@ -143,8 +141,6 @@ async def test_a_caller_that_gives_up_does_not_cost_the_others_their_answers() -
         assert isinstance(done[3], asyncio.CancelledError)
         assert not limiter.degraded
         after = await limiter.acquire(key, rate)
-    finally:
-        await limiter.close()
     answered = [d for i, d in enumerate(done) if i != 3]
     assert all(isinstance(d, Decision) and d.allowed for d in answered)
     # The cancelled call was counted (it was sent): the next one is the eleventh.
