@@ -330,12 +330,14 @@ async def delete_document(kb_id: uuid.UUID, document_id: uuid.UUID, p: Deleter, 
 async def retrieve(kb_id: uuid.UUID, body: sch.RetrieveRequest, p: Reader, s: SessionDep,
                    request: Request) -> Any:
     started = time.perf_counter()
-    kb = await svc(request).get_kb(s, p, kb_id)
+    kb = await svc(request).get_kb_for_query(s, p, kb_id)
     hits = await svc(request).retrieve(s, p, kb, query=body.query, top_k=body.top_k,
                                        mode=body.mode, score_threshold=body.score_threshold,
                                        filters=body.filters, vector_weight=body.vector_weight)
-    return {"mode": body.mode, "hits": [h.__dict__ for h in hits],
-            "took_ms": round((time.perf_counter() - started) * 1000, 2)}
+    # Written directly (the hits are plain dataclasses of the response model's fields):
+    # validating them again against the model would only repeat the work.
+    return Response(orjson.dumps({"mode": body.mode, "hits": hits, "took_ms": round(
+        (time.perf_counter() - started) * 1000, 2)}), media_type="application/json")
 
 
 @router.post("/{kb_id}/chat", response_model=sch.ChatResponse,
@@ -347,7 +349,7 @@ async def chat(kb_id: uuid.UUID, body: sch.ChatRequest, p: Reader, request: Requ
     service = svc(request)
     rag: Rag = request.app.state.kb_rag
     async with service.db.transaction() as s:
-        kb = await service.get_kb(s, p, kb_id)
+        kb = await service.get_kb_for_query(s, p, kb_id)
         model = body.model or kb.chat_model
         if not model:
             raise ValidationFailed("name a chat model (this knowledge base has no chat_model)",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kb import bm25
@@ -121,6 +122,20 @@ def document_matches(row: Any, filters: Mapping[str, Any]) -> bool:
 # What a hit shows of a chunk and its document (and what filters look at).
 _LIVE_COLUMNS = (Chunk.id, Chunk.idx, Chunk.text, Chunk.heading, Chunk.page,
                  Document.id.label("document_id"), Document.name, Document.format, Document.meta)
+# The rows of the searchable chunks among some ids (indexed, of their document's live
+# generation, of one org's knowledge base): built once, as it runs for every vector search.
+_LIVE_CHUNKS = select(*_LIVE_COLUMNS).join(Document, Document.id == Chunk.document_id).where(
+    Chunk.id.in_(bindparam("ids", expanding=True)), Chunk.kb_id == bindparam("kb_id"),
+    Chunk.org_id == bindparam("org_id"), Chunk.indexed.is_(True),
+    Chunk.generation == Document.live_generation)
+_KB_COLUMNS = tuple(a.key for a in inspect(KnowledgeBase).column_attrs)
+_KB_CACHE_MAX = 4096
+
+
+def _snapshot(kb: KnowledgeBase) -> KnowledgeBase:
+    """A copy of the row's values that belongs to no session: it outlives the request that
+    read it (a session that rolls back expires its own objects)."""
+    return KnowledgeBase(**{k: getattr(kb, k) for k in _KB_COLUMNS})
 
 
 class KbService:
@@ -132,6 +147,8 @@ class KbService:
         self.vectors = vectors
         self.upstream = upstream
         self.events = events
+        # (org, knowledge base) -> (when read, snapshot): the query paths' lookups.
+        self._kb_cache: dict[tuple[uuid.UUID, uuid.UUID], tuple[float, KnowledgeBase]] = {}
 
     # ---- knowledge bases ---------------------------------------------------------------------
 
@@ -182,6 +199,32 @@ class KbService:
                             code="kb_read_only")
         return kb
 
+    async def get_kb_for_query(self, s: AsyncSession, p: Principal,
+                               kb_id: uuid.UUID) -> KnowledgeBase:
+        """`get_kb` for retrieval and answers, which read a knowledge base's settings and change
+        nothing: its row is kept for `kb_lookup_cache_s` (as a snapshot, never written back).
+        The access check runs on every call; a change through this replica applies at once
+        (updates and deletes forget the entry), one through another replica within that time."""
+        ttl = self.settings.kb_lookup_cache_s
+        key = (p.org_id, kb_id)
+        now = time.monotonic()
+        entry = self._kb_cache.get(key)
+        if entry is not None and now - entry[0] <= ttl:
+            kb = entry[1]
+        else:
+            kb = _snapshot(await KbRepo(s, p.org_id).get(kb_id))
+            if ttl > 0:
+                if len(self._kb_cache) >= _KB_CACHE_MAX:
+                    self._kb_cache = {k: v for k, v in self._kb_cache.items()
+                                      if now - v[0] <= ttl}
+                self._kb_cache[key] = (now, kb)
+        if not can_read(kb, p):
+            raise NotFound(f"knowledge base {kb_id} does not exist")
+        return kb
+
+    def _forget(self, kb: KnowledgeBase) -> None:
+        self._kb_cache.pop((kb.org_id, kb.id), None)
+
     async def list_kbs(self, s: AsyncSession, p: Principal, *, project_id: uuid.UUID | None,
                        limit: int, cursor: str | None) -> tuple[list[KnowledgeBase], str | None]:
         where = [KnowledgeBase.project_id == project_id] if project_id else []
@@ -220,6 +263,7 @@ class KbService:
                                   if kb.update_strategy in UPDATE_EVERY else None)
         if changed:
             await s.flush()
+            self._forget(kb)
             await self.events.kb_updated(s, kb, changed, p.actor)
         return kb
 
@@ -233,6 +277,7 @@ class KbService:
         await s.execute(delete(Chunk).where(Chunk.kb_id == kb.id))
         await s.execute(delete(Document).where(Document.kb_id == kb.id))
         await self.events.kb_deleted(s, kb, len(docs), chunks, p.actor)
+        self._forget(kb)
         await s.delete(kb)
         await s.flush()
         for d in docs:
@@ -419,10 +464,8 @@ class KbService:
         document's live generation, of this org's knowledge base."""
         if not ids:
             return {}
-        rows = (await s.execute(select(*_LIVE_COLUMNS).join(
-            Document, Document.id == Chunk.document_id).where(
-            Chunk.id.in_(list(ids)), Chunk.kb_id == kb.id, Chunk.org_id == kb.org_id,
-            Chunk.indexed.is_(True), Chunk.generation == Document.live_generation))).all()
+        rows = (await s.execute(_LIVE_CHUNKS, {"ids": list(ids), "kb_id": kb.id,
+                                               "org_id": kb.org_id})).all()
         return {r.id: r for r in rows}
 
     async def _vector_search(self, s: AsyncSession, p: Principal, kb: KnowledgeBase,

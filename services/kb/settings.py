@@ -18,6 +18,10 @@ class KbSettings(ServiceSettings, ObjectStoreSettings):
     # (http://host:19530) with its token.
     kb_milvus_uri: str = ""
     kb_milvus_token: str = ""
+    # Retrieval and answers keep a knowledge base's row (settings, access list) per replica for
+    # this long: a query costs one database round trip less. Changes made through this replica
+    # apply at once; through another one, within this time. 0: read it every time.
+    kb_lookup_cache_s: float = Field(default=1.0, ge=0, le=60)
     # Largest document accepted (upload or dataset import).
     kb_max_document_bytes: int = Field(default=100 << 20, gt=0)
     # Chunks embedded per call to the inference service.

@@ -344,6 +344,42 @@ def test_access_list_and_other_orgs_get_404(kb: Kb) -> None:
         assert {h["document_name"] for h in hits} <= {"mine.txt"}
 
 
+
+def test_access_changes_and_deletes_apply_to_queries_at_once(kb: Kb) -> None:
+    """Retrieval and answers keep a knowledge base's row for a moment (kb_lookup_cache_s);
+    changes made through the service still apply to the very next query."""
+    with kb.platform.client() as client:
+        member = add_member(client, kb.owner, "member")
+        shared = make_kb(client, kb.owner, kb.project)
+        base = f"/api/v1/kb/{shared['id']}"
+        assert upload(client, kb.h, shared["id"], "note.txt", b"The boiler is serviced in May.",
+                      content_type="text/plain").status_code == 202
+        wait_ingested(client, kb.h, shared["id"])
+        ask = {"query": "When is the boiler serviced?", "top_k": 1}
+        r = client.post(f"{base}/retrieve", headers=member.headers, json=ask)
+        assert r.status_code == 200 and r.json()["hits"][0]["document_name"] == "note.txt"
+
+        assert client.patch(base, headers=kb.h, json={"access": {
+            "read": ["role:admin"], "write": ["role:admin"]}}).status_code == 200
+        assert client.post(f"{base}/retrieve", headers=member.headers,
+                           json=ask).status_code == 404
+        assert client.post(f"{base}/chat", headers=member.headers, json={
+            "messages": [{"role": "user", "content": "boiler?"}]}).status_code == 404
+        assert client.patch(base, headers=kb.h, json={"access": {}}).status_code == 200
+        assert client.post(f"{base}/retrieve", headers=member.headers,
+                           json=ask).status_code == 200
+
+        # A query that fails (its transaction rolls back) leaves the kept row usable.
+        bad = client.post(f"{base}/retrieve", headers=kb.h,
+                          json={**ask, "filters": {"format": 5}})
+        assert bad.status_code == 422, bad.text
+        assert client.post(f"{base}/retrieve", headers=kb.h, json=ask).status_code == 200
+
+        assert client.delete(base, headers=kb.h).status_code == 204
+        for who in (kb.h, member.headers):
+            assert client.post(f"{base}/retrieve", headers=who, json=ask).status_code == 404
+
+
 # ---- bad documents ----------------------------------------------------------------------------
 
 def _raw_post(url: str, path: str, headers: dict[str, str], length: int) -> int:

@@ -396,3 +396,36 @@ def test_unloadable_model_exits_non_zero(tmp_path: Path) -> None:
         assert p.returncode == 1
         errors = [ln for ln in p.stderr.splitlines() if "ERROR" in ln]
         assert len(errors) == 1 and "cannot load" in errors[0], p.stderr
+
+
+async def test_embedding_engine_calls_torch_from_one_thread(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch computes on OpenMP, which keeps a team of threads per calling thread: a second
+    thread calling in (the warm-up on the main thread, then requests on the encoding thread)
+    left an idle team spinning against the busy one (a one-sentence encode 10 → 16 ms on 2
+    cores). Every call, the warm-up included, stays on the engine's one encoding thread."""
+    import threading
+
+    from sentence_transformers import SentenceTransformer
+
+    from services.inference.worker import EmbeddingEngine, EmbeddingRequest
+
+    callers: list[int] = []
+    original = SentenceTransformer.encode
+
+    def encode(self: Any, *args: Any, **kwargs: Any) -> Any:
+        callers.append(threading.get_ident())
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SentenceTransformer, "encode", encode)
+    engine = EmbeddingEngine(minilm_path(), "minilm", 64, 0.0, None)
+    runner = asyncio.create_task(engine.run())
+    try:
+        for inputs in (["one sentence"], ["two", "sentences"]):
+            r = await engine.embed(EmbeddingRequest(input=inputs, model="minilm"))
+            assert len(json.loads(r.body)["data"]) == len(inputs)
+    finally:
+        runner.cancel()
+        engine.close()
+    assert len(callers) == 3  # the warm-up and the two requests
+    assert len(set(callers)) == 1 and threading.get_ident() not in callers
