@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, func, inspect, select
+from sqlalchemy import bindparam, delete, event, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kb import bm25
@@ -222,8 +222,16 @@ class KbService:
             raise NotFound(f"knowledge base {kb_id} does not exist")
         return kb
 
-    def _forget(self, kb: KnowledgeBase) -> None:
-        self._kb_cache.pop((kb.org_id, kb.id), None)
+    def _forget(self, s: AsyncSession, kb: KnowledgeBase) -> None:
+        """Drops the kept row now and again when the change commits (a query in between may
+        have kept the row as it was before)."""
+        key = (kb.org_id, kb.id)
+
+        def forget(*_: Any) -> None:
+            self._kb_cache.pop(key, None)
+
+        forget()
+        event.listen(s.sync_session, "after_commit", forget, once=True)
 
     async def list_kbs(self, s: AsyncSession, p: Principal, *, project_id: uuid.UUID | None,
                        limit: int, cursor: str | None) -> tuple[list[KnowledgeBase], str | None]:
@@ -263,7 +271,7 @@ class KbService:
                                   if kb.update_strategy in UPDATE_EVERY else None)
         if changed:
             await s.flush()
-            self._forget(kb)
+            self._forget(s, kb)
             await self.events.kb_updated(s, kb, changed, p.actor)
         return kb
 
@@ -277,7 +285,7 @@ class KbService:
         await s.execute(delete(Chunk).where(Chunk.kb_id == kb.id))
         await s.execute(delete(Document).where(Document.kb_id == kb.id))
         await self.events.kb_deleted(s, kb, len(docs), chunks, p.actor)
-        self._forget(kb)
+        self._forget(s, kb)
         await s.delete(kb)
         await s.flush()
         for d in docs:
