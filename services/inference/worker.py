@@ -517,9 +517,9 @@ class EmbeddingEngine:
 
         self.name, self.path = name, path
         # Every torch call runs in this one thread, the warm-up included. torch computes on
-        # OpenMP, which gives each calling thread its own team of workers; once a second thread
-        # has called in, the idle team's spinning workers take the CPU the busy one needs (a
-        # one-sentence encode on 2 cores: 10 ms from one thread, 16 ms once two have called).
+        # OpenMP, which keeps a team of worker threads per calling thread; once a second thread
+        # has called in, every encode is slower, whichever thread makes it (a one-sentence
+        # encode on 2 cores: 10 ms from one thread, 16 ms once two have called).
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="encode")
 
         def load() -> tuple[Any, int]:

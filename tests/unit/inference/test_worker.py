@@ -400,10 +400,10 @@ def test_unloadable_model_exits_non_zero(tmp_path: Path) -> None:
 
 async def test_embedding_engine_calls_torch_from_one_thread(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch computes on OpenMP, which keeps a team of threads per calling thread: a second
-    thread calling in (the warm-up on the main thread, then requests on the encoding thread)
-    left an idle team spinning against the busy one (a one-sentence encode 10 → 16 ms on 2
-    cores). Every call, the warm-up included, stays on the engine's one encoding thread."""
+    """torch computes on OpenMP, which keeps a team of threads per calling thread: once a
+    second thread had called in (the warm-up on the main thread, then requests on the encoding
+    thread) every encode was slower (one sentence: 10 → 16 ms on 2 cores). Every call, the
+    warm-up included, stays on the engine's one encoding thread."""
     import threading
 
     from sentence_transformers import SentenceTransformer
