@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 from starlette.types import Receive, Scope, Send
 
+from workbench.asgi_transport import StreamingASGITransport
 from workbench.db import Database
 from workbench.events.bus import InProcessBus
 from workbench.migrations import upgrade
@@ -100,9 +100,9 @@ class EmbeddedPlatform:
             if name != "user":
                 kwargs["jwks"] = self._user_jwks
             if spec.calls_user:
-                kwargs["user_transport"] = httpx.ASGITransport(self.apps["user"])
+                kwargs["user_transport"] = StreamingASGITransport(self.apps["user"])
             if spec.calls:
-                kwargs["transports"] = {other: httpx.ASGITransport(self.apps[other])
+                kwargs["transports"] = {other: StreamingASGITransport(self.apps[other])
                                         for other in spec.calls}
             self.apps[name] = spec.load().create_app(spec.make_settings(), **kwargs)
         self.gateway = create_gateway(GatewaySettings(), apps=self.apps, bus=self.bus)
