@@ -117,7 +117,10 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                 await self.app(scope, receive, send)
             except BaseException as exc:
                 if not started.done():
-                    started.set_exception(exc)
+                    if isinstance(exc, asyncio.CancelledError):
+                        started.cancel()  # the caller, if still waiting, is cancelled too
+                    else:
+                        started.set_exception(exc)
                 elif not finished.is_set():
                     chunks.put_nowait(exc if isinstance(exc, Exception) else
                                       httpx.ReadError("the app stopped mid-response"))

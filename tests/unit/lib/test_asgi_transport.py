@@ -132,3 +132,24 @@ async def test_work_after_the_response_still_runs(client: httpx.AsyncClient,
     r = await client.get("/then-more")
     assert r.content == b"done"
     await asyncio.wait_for(state.after.wait(), 5)
+
+
+async def test_a_caller_cancelled_before_the_response_cancels_the_app() -> None:
+    entered, cancelled = asyncio.Event(), asyncio.Event()
+
+    async def slow_app(scope: object, receive: object, send: object) -> None:
+        entered.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    async with httpx.AsyncClient(transport=StreamingASGITransport(slow_app),
+                                 base_url="http://x") as c:
+        call = asyncio.create_task(c.get("/"))
+        await asyncio.wait_for(entered.wait(), 5)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+    await asyncio.wait_for(cancelled.wait(), 5)
