@@ -27,8 +27,8 @@ class _BodyStream(httpx.AsyncByteStream):
     left (`http.disconnect`) and waits for the app to finish."""
 
     def __init__(self, chunks: asyncio.Queue[Any], task: asyncio.Task[None],
-                 finished: asyncio.Event, left: asyncio.Event) -> None:
-        self._chunks, self._task, self._finished, self._left = chunks, task, finished, left
+                 finished: asyncio.Event, over: asyncio.Event) -> None:
+        self._chunks, self._task, self._finished, self._over = chunks, task, finished, over
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         while True:
@@ -42,7 +42,7 @@ class _BodyStream(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         if self._task.done() or self._finished.is_set():
             return  # what runs after the last chunk (background tasks) goes on by itself
-        self._left.set()
+        self._over.set()
         # A streaming response stops when it sees the disconnect; one that does not listen
         # for it is stopped after a grace period.
         try:
@@ -79,7 +79,7 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
         chunks: asyncio.Queue[Any] = asyncio.Queue()
         started = asyncio.get_running_loop().create_future()
         finished = asyncio.Event()  # the app wrote its last chunk
-        left = asyncio.Event()  # the caller closed the response
+        over = asyncio.Event()  # the app finished or the caller closed the response
 
         async def receive() -> dict[str, Any]:
             nonlocal request_done
@@ -90,12 +90,7 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                     request_done = True
                     return {"type": "http.request", "body": b"", "more_body": False}
                 return {"type": "http.request", "body": body, "more_body": True}
-            waits = [asyncio.ensure_future(finished.wait()), asyncio.ensure_future(left.wait())]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
+            await over.wait()
             return {"type": "http.disconnect"}
 
         async def send(message: MutableMapping[str, Any]) -> None:
@@ -106,10 +101,11 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                 if finished.is_set():
                     return
                 body = message.get("body", b"")
-                if body and request.method != "HEAD" and not left.is_set():
+                if body and request.method != "HEAD" and not over.is_set():
                     chunks.put_nowait(bytes(body))
                 if not message.get("more_body", False):
                     finished.set()
+                    over.set()
                     chunks.put_nowait(_END)
 
         async def run() -> None:
@@ -135,6 +131,7 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
             finally:
                 if not finished.is_set():
                     finished.set()
+                    over.set()
                     chunks.put_nowait(_END)
 
         task = asyncio.create_task(run())
@@ -149,4 +146,4 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
                     await task
             raise
         return httpx.Response(status, headers=headers,
-                              stream=_BodyStream(chunks, task, finished, left))
+                              stream=_BodyStream(chunks, task, finished, over))
