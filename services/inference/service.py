@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import os
 import random
-import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.hashes import SHA256
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
-from sqlalchemy import event, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.inference import safety
@@ -25,6 +24,7 @@ from services.inference.models import Deployment, ExternalModel, Route, SafetyRu
 from services.inference.runtimes.base import DeploymentSpec
 from services.inference.settings import InferenceSettings
 from services.inference.supervisor import Supervisor
+from workbench.cache import TtlCache
 from workbench.db import Database, utcnow
 from workbench.errors import BadRequest, Conflict, NotFound, ValidationFailed
 from workbench.identity.principal import Principal
@@ -69,9 +69,6 @@ class Sealer:
         return AESGCM(self._key).decrypt(sealed[:12], sealed[12:], str(org_id).encode()).decode()
 
 
-_T = TypeVar("_T")
-
-
 @dataclass(frozen=True, slots=True)
 class _Target:
     """What a model name resolves to: a route's arms with weight, or one deployment;
@@ -93,17 +90,13 @@ class InferenceService:
         # safety policy, and what a model name resolves to. A change made here forgets the
         # org's entries at once (and again at its commit); other replicas of the service see
         # it within the cache time.
-        self._policies: dict[uuid.UUID, tuple[float, safety.Policy]] = {}
-        self._targets: dict[tuple[uuid.UUID, str], tuple[float, _Target]] = {}
+        ttl = settings.inference_lookup_cache_s
+        self._policies: TtlCache[uuid.UUID, safety.Policy] = TtlCache(ttl)
+        self._targets: TtlCache[tuple[uuid.UUID, str], _Target] = TtlCache(ttl)
 
     def _forget(self, s: AsyncSession, org_id: uuid.UUID) -> None:
-        def forget(*_: Any) -> None:
-            self._policies.pop(org_id, None)
-            for key in [k for k in self._targets if k[0] == org_id]:
-                self._targets.pop(key, None)
-
-        forget()
-        event.listen(s.sync_session, "after_commit", forget, once=True)
+        self._policies.forget(s, lambda k: k == org_id)
+        self._targets.forget(s, lambda k: k[0] == org_id)
 
     # ---- catalog -----------------------------------------------------------------------------
 
@@ -358,14 +351,13 @@ class InferenceService:
         """The deployment a request for `name` goes to — a route's arm picked by weight, or
         the deployment of that name — its route's name (or None) and the org's safety policy.
         Read from the database only when not cached."""
-        now = time.monotonic()
-        target = self._fresh(self._targets.get((p.org_id, name)), now)
-        policy = self._fresh(self._policies.get(p.org_id), now)
+        target = self._targets.get((p.org_id, name))
+        policy = self._policies.get(p.org_id)
         if target is None or policy is None:
             async with self.db.transaction() as s:
                 if target is None:
                     target = await self._lookup(s, p, name)
-                    self._targets[(p.org_id, name)] = (now, target)
+                    self._targets.put((p.org_id, name), target)
                 if policy is None:
                     policy = await self.policy(s, p.org_id)
         if not target.arms:
@@ -454,21 +446,14 @@ class InferenceService:
             raise ValidationFailed(str(exc), code="invalid_rule",
                                    extra={"field": "patterns"}) from exc
 
-    def _fresh(self, entry: tuple[float, _T] | None, now: float) -> _T | None:
-        """A cached lookup's value while it is younger than `inference_lookup_cache_s`."""
-        if entry is not None and now - entry[0] <= self.settings.inference_lookup_cache_s:
-            return entry[1]
-        return None
-
     async def policy(self, s: AsyncSession, org_id: uuid.UUID) -> safety.Policy:
-        now = time.monotonic()
-        if (cached := self._fresh(self._policies.get(org_id), now)) is not None:
+        if (cached := self._policies.get(org_id)) is not None:
             return cached
         rows = (await s.execute(select(SafetyRule).where(
             SafetyRule.org_id == org_id, SafetyRule.enabled.is_(True))
             .order_by(SafetyRule.id))).scalars()
         policy = safety.Policy([self._as_rule(r) for r in rows])
-        self._policies[org_id] = (now, policy)
+        self._policies.put(org_id, policy)
         return policy
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import time
 import uuid
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -16,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, delete, event, func, inspect, select
+from sqlalchemy import bindparam, delete, func, inspect, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.kb import bm25
@@ -25,6 +24,7 @@ from services.kb.models import Chunk, Document, KnowledgeBase, Posting
 from services.kb.settings import KbSettings
 from services.kb.upstream import Upstream
 from services.kb.vectors import MAX_TOP_K, VectorStore, metadata_filter_expr
+from workbench.cache import TtlCache
 from workbench.db import Database, utcnow
 from workbench.errors import Conflict, Forbidden, NotFound, ValidationFailed, WorkbenchError
 from workbench.identity.principal import Principal, Role
@@ -129,7 +129,17 @@ _LIVE_CHUNKS = select(*_LIVE_COLUMNS).join(Document, Document.id == Chunk.docume
     Chunk.org_id == bindparam("org_id"), Chunk.indexed.is_(True),
     Chunk.generation == Document.live_generation)
 _KB_COLUMNS = tuple(a.key for a in inspect(KnowledgeBase).column_attrs)
-_KB_CACHE_MAX = 4096
+
+
+def _checked(kb: KnowledgeBase, p: Principal, *, write: bool) -> KnowledgeBase:
+    """404 for a knowledge base the caller may not read; 403 for a write by someone who may
+    only read it."""
+    if not can_read(kb, p):
+        raise NotFound(f"knowledge base {kb.id} does not exist")
+    if write and not can_write(kb, p):
+        raise Forbidden("this knowledge base's access list lets you read it, not change it",
+                        code="kb_read_only")
+    return kb
 
 
 def _snapshot(kb: KnowledgeBase) -> KnowledgeBase:
@@ -147,8 +157,9 @@ class KbService:
         self.vectors = vectors
         self.upstream = upstream
         self.events = events
-        # (org, knowledge base) -> (when read, snapshot): the query paths' lookups.
-        self._kb_cache: dict[tuple[uuid.UUID, uuid.UUID], tuple[float, KnowledgeBase]] = {}
+        # (org, knowledge base) -> snapshot: the query paths' lookups.
+        self._kb_cache: TtlCache[tuple[uuid.UUID, uuid.UUID], KnowledgeBase] = TtlCache(
+            settings.kb_lookup_cache_s)
 
     # ---- knowledge bases ---------------------------------------------------------------------
 
@@ -191,13 +202,7 @@ class KbService:
                      write: bool = False) -> KnowledgeBase:
         """404 for another org's knowledge base and for one the caller may not read; 403 for a
         write by someone who may only read it."""
-        kb = await KbRepo(s, p.org_id).get(kb_id)
-        if not can_read(kb, p):
-            raise NotFound(f"knowledge base {kb_id} does not exist")
-        if write and not can_write(kb, p):
-            raise Forbidden("this knowledge base's access list lets you read it, not change it",
-                            code="kb_read_only")
-        return kb
+        return _checked(await KbRepo(s, p.org_id).get(kb_id), p, write=write)
 
     async def get_kb_for_query(self, s: AsyncSession, p: Principal,
                                kb_id: uuid.UUID) -> KnowledgeBase:
@@ -205,33 +210,16 @@ class KbService:
         nothing: its row is kept for `kb_lookup_cache_s` (as a snapshot, never written back).
         The access check runs on every call; a change through this replica applies at once
         (updates and deletes forget the entry), one through another replica within that time."""
-        ttl = self.settings.kb_lookup_cache_s
         key = (p.org_id, kb_id)
-        now = time.monotonic()
-        entry = self._kb_cache.get(key)
-        if entry is not None and now - entry[0] <= ttl:
-            kb = entry[1]
-        else:
+        kb = self._kb_cache.get(key)
+        if kb is None:
             kb = _snapshot(await KbRepo(s, p.org_id).get(kb_id))
-            if ttl > 0:
-                if len(self._kb_cache) >= _KB_CACHE_MAX:
-                    self._kb_cache = {k: v for k, v in self._kb_cache.items()
-                                      if now - v[0] <= ttl}
-                self._kb_cache[key] = (now, kb)
-        if not can_read(kb, p):
-            raise NotFound(f"knowledge base {kb_id} does not exist")
-        return kb
+            self._kb_cache.put(key, kb)
+        return _checked(kb, p, write=False)
 
     def _forget(self, s: AsyncSession, kb: KnowledgeBase) -> None:
-        """Drops the kept row now and again when the change commits (a query in between may
-        have kept the row as it was before)."""
         key = (kb.org_id, kb.id)
-
-        def forget(*_: Any) -> None:
-            self._kb_cache.pop(key, None)
-
-        forget()
-        event.listen(s.sync_session, "after_commit", forget, once=True)
+        self._kb_cache.forget(s, lambda k: k == key)
 
     async def list_kbs(self, s: AsyncSession, p: Principal, *, project_id: uuid.UUID | None,
                        limit: int, cursor: str | None) -> tuple[list[KnowledgeBase], str | None]:
