@@ -14,7 +14,7 @@ from services.inference.api import router
 from services.inference.events import Events
 from services.inference.metrics import Metrics
 from services.inference.models import EVENT_TABLES
-from services.inference.openai_api import internal_router
+from services.inference.openai_api import internal_router, replica_session
 from services.inference.openai_api import router as openai_router
 from services.inference.runtimes.base import Runtime
 from services.inference.runtimes.local import LocalRuntime
@@ -95,10 +95,7 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
         relay = OutboxRelay(db, event_bus, EVENT_TABLES, batch_size=settings.outbox_batch_size,
                             poll_interval_s=settings.outbox_poll_interval_s)
         relay.start()
-        replica_http = httpx.AsyncClient(
-            timeout=httpx.Timeout(settings.inference_request_timeout_s, connect=5.0),
-            limits=httpx.Limits(max_connections=512, max_keepalive_connections=128),
-            trust_env=False)
+        replica_http = replica_session(settings.inference_request_timeout_s)
         app.state.db = db
         app.state.inference_service = service
         app.state.supervisor = supervisor
@@ -122,7 +119,7 @@ def create_app(settings: InferenceSettings | None = None, *, bus: EventBus | Non
             await supervisor.close()
             if cluster is not None:
                 await cluster.close()
-            await replica_http.aclose()
+            await replica_http.close()
             await metering.close()  # the last usage events, before the relay's last round
             await relay.stop()
             if own_bus:

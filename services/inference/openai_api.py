@@ -11,7 +11,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import httpx
+import aiohttp
 import orjson
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -165,6 +165,37 @@ async def internal_chat_completions(org_id: uuid.UUID, request: Request,
 
 # ---- the proxy ---------------------------------------------------------------------------------
 
+# Replica calls and stream reads go through aiohttp: its C parser costs a quarter of httpx's
+# CPU per call on the service's event loop (measured: 0.3 vs 1.0-1.2 ms a call on 2 cores).
+REPLICA_ERRORS = (aiohttp.ClientError, TimeoutError)
+
+
+def replica_session(read_timeout_s: float) -> aiohttp.ClientSession:
+    """The pooled client for the replicas (built inside the service's event loop)."""
+    return aiohttp.ClientSession(
+        # Idle connections go before the replicas' own 5 s keep-alive ends, so a request
+        # never goes out on a connection the replica is closing.
+        connector=aiohttp.TCPConnector(limit=512, keepalive_timeout=4.0),
+        timeout=aiohttp.ClientTimeout(total=None, sock_connect=5.0,
+                                      sock_read=read_timeout_s),
+        # One session serves every org: it must never keep a replica's cookies.
+        cookie_jar=aiohttp.DummyCookieJar(),
+        skip_auto_headers=("User-Agent",))
+
+
+async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The lines of a response body as they arrive, whatever their length (aiohttp's own
+    line reader stops at 64 KiB) and their ending (\n or \r\n)."""
+    rest = b""
+    async for data in content.iter_any():
+        rest += data
+        *lines, rest = rest.split(b"\n")
+        for line in lines:
+            yield line.rstrip(b"\r")
+    if rest:
+        yield rest.rstrip(b"\r")
+
+
 async def _serve(request: Request, p: Principal, body: BaseModel, endpoint: str) -> Response:
     service, meter = svc(request), metering(request)
     kind = "embedding" if endpoint == "embeddings" else "chat"
@@ -217,22 +248,23 @@ async def _guard_input(call: Call, policy: safety.Policy, payload: dict[str, Any
 
 async def _once(request: Request, call: Call, replica: Replica, endpoint: str,
                 payload: dict[str, Any], policy: safety.Policy) -> Response:
-    client: httpx.AsyncClient = request.app.state.replica_http
+    client: aiohttp.ClientSession = request.app.state.replica_http
     replica.inflight += 1
     try:
-        r = await client.post(f"{replica.base_url}/{endpoint}", json=payload,
-                              headers=_headers(call, replica))
-    except httpx.HTTPError as exc:
-        request.app.state.supervisor.mark_broken(replica, str(exc))
+        async with client.post(f"{replica.base_url}/{endpoint}", data=orjson.dumps(payload),
+                               headers=_headers(call, replica)) as r:
+            status, content = r.status, await r.read()
+    except REPLICA_ERRORS as exc:
+        request.app.state.supervisor.mark_broken(replica, _reason(exc))
         call.finish(ok=False)
         raise OpenAIError(502, "replica_failed", "the model replica serving this request "
                           "failed while answering it; it is being replaced — retry") from exc
     finally:
         replica.inflight -= 1
-    if r.status_code >= 400:
+    if status >= 400:
         call.finish(ok=False)
-        return _passthrough_error(r)
-    data = orjson.loads(r.content)  # orjson: embeddings answers are megabytes of floats
+        return _passthrough_error(status, content)
+    data = orjson.loads(content)  # orjson: embeddings answers are megabytes of floats
     usage = data.get("usage") or {}
     if not policy.empty and endpoint != "embeddings":
         for choice in data.get("choices", []):
@@ -256,24 +288,23 @@ async def _once(request: Request, call: Call, replica: Replica, endpoint: str,
 async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
                   payload: dict[str, Any], policy: safety.Policy, wants_usage: bool
                   ) -> AsyncIterator[bytes]:
-    client: httpx.AsyncClient = request.app.state.replica_http
+    client: aiohttp.ClientSession = request.app.state.replica_http
     guard = None if policy.empty else policy.stream()
     usage: dict[str, Any] = {}
     first: float | None = None
     ok = False
     replica.inflight += 1
     try:
-        async with client.stream("POST", f"{replica.base_url}/{endpoint}", json=payload,
-                                 headers=_headers(call, replica)) as r:
-            if r.status_code >= 400:
-                body = await r.aread()
-                yield _sse(_error_from(r.status_code, body))
+        async with client.post(f"{replica.base_url}/{endpoint}", data=orjson.dumps(payload),
+                               headers=_headers(call, replica)) as r:
+            if r.status >= 400:
+                yield _sse(_error_from(r.status, await r.read()))
                 return
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
+            async for line in _lines(r.content):
+                if not line.startswith(b"data:"):
                     continue
                 data = line[5:].strip()
-                if data == "[DONE]":
+                if data == b"[DONE]":
                     break
                 chunk = orjson.loads(data)
                 if chunk.get("usage"):
@@ -302,8 +333,8 @@ async def _stream(request: Request, call: Call, replica: Replica, endpoint: str,
             if guard is not None:
                 await call.safety_hits(guard.hits)
             yield b"data: [DONE]\n\n"
-    except httpx.HTTPError as exc:
-        request.app.state.supervisor.mark_broken(replica, str(exc))
+    except REPLICA_ERRORS as exc:
+        request.app.state.supervisor.mark_broken(replica, _reason(exc))
         yield _sse(openai_error_body(502, "replica_failed", "the model replica serving this "
                                      "request failed mid-answer; it is being replaced — retry"))
     finally:
@@ -332,8 +363,13 @@ def _guard_chunk(chunk: dict[str, Any], guard: safety.StreamGuard) -> None:
 
 
 def _headers(call: Call, replica: Replica) -> dict[str, str]:
-    return {**replica.headers(), "x-wb-tenant": str(call.org_id),
-            "x-request-id": call.request_id or uuid.uuid4().hex}
+    return {**replica.headers(), "content-type": "application/json",
+            "x-wb-tenant": str(call.org_id), "x-request-id": call.request_id or uuid.uuid4().hex}
+
+
+def _reason(exc: BaseException) -> str:
+    """What the supervisor records of a failed call (aiohttp's timeouts say nothing)."""
+    return str(exc) or type(exc).__name__
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -351,6 +387,5 @@ def _error_from(status: int, body: bytes) -> dict[str, Any]:
                              f"the model replica answered {status}")
 
 
-def _passthrough_error(r: httpx.Response) -> Response:
-    status = r.status_code if r.status_code < 500 else 502
-    return JSONResponse(_error_from(r.status_code, r.content), status_code=status)
+def _passthrough_error(status: int, content: bytes) -> Response:
+    return JSONResponse(_error_from(status, content), status_code=status if status < 500 else 502)

@@ -13,7 +13,6 @@ the previous generation's chunks and vectors are removed."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import time
@@ -32,6 +31,7 @@ from services.kb.service import KbService, chunk_uuid
 from services.kb.vectors import ChunkVector
 from workbench.db import utcnow
 from workbench.errors import WorkbenchError
+from workbench.polling import IdleInterval
 
 log = logging.getLogger("services.kb.ingest")
 # Documents whose errors retrying cannot fix (the file itself is bad).
@@ -53,6 +53,7 @@ class Ingestor:
         # Knowledge bases written to since the last flush of their vectors.
         self._unflushed: set[uuid.UUID] = set()
         self._counter: Any = None
+        self._retries: list[float] = []  # monotonic times of the retries this replica set
 
     def count_tokens(self, text: str) -> int:
         if self._counter is None:
@@ -65,12 +66,18 @@ class Ingestor:
     # ---- the loop ----------------------------------------------------------------------------
 
     async def run(self) -> None:
+        """Claims documents while it has room: at once when an upload (or a finished document)
+        wakes it, else every `kb_poll_interval_s` — stretching while there is nothing to do —
+        for documents no wake-up announced (another replica's expired lease)."""
+        idle = IdleInterval(self.settings.kb_poll_interval_s)
         while True:
+            busy = bool(self._tasks)
             try:
                 while len(self._tasks) < self.settings.kb_ingest_concurrency:
                     doc_id = await self.claim()
                     if doc_id is None:
                         break
+                    busy = True
                     task = asyncio.create_task(self.process(doc_id), name=f"ingest-{doc_id}")
                     self._tasks.add(task)
                     task.add_done_callback(self._done)
@@ -79,9 +86,23 @@ class Ingestor:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                busy = True  # retried at the base interval
                 log.warning("ingestion loop: %s", exc)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.kb_poll_interval_s)
+            idle.found(busy)
+            wait = idle.current
+            if self._retries:  # retries this replica scheduled: looked for when they fall due
+                now = time.monotonic()
+                due = [t for t in self._retries if t <= now]
+                self._retries = [t for t in self._retries if t > now]
+                if due:  # one more round: they may have fallen due after this round's claim
+                    wait = 0.05
+                elif self._retries:
+                    wait = min(wait, min(self._retries) - now + 0.05)
+            try:
+                await asyncio.wait_for(self.wake.wait(), wait)
+                idle.found(True)
+            except TimeoutError:
+                pass
             self.wake.clear()
 
     async def _flush(self) -> None:
@@ -287,9 +308,11 @@ class Ingestor:
                 await s.flush()
                 await self.service.events.document_failed(s, row)
             else:  # transient (model, store): retried after a pause growing with attempts
+                pause = min(60, 2 ** row.attempts)
                 row.status = "queued"
-                row.lease_until = utcnow() + timedelta(seconds=min(60, 2 ** row.attempts))
+                row.lease_until = utcnow() + timedelta(seconds=pause)
                 await s.flush()
+                self._retries.append(time.monotonic() + pause)
 
 
 def _embedding_text(d: Document, c: Chunk) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Protocol, TypeVar
 
 from workbench.events.envelope import EventEnvelope
+from workbench.polling import IdleInterval
 
 log = logging.getLogger("workbench.bus")
 
@@ -251,12 +252,17 @@ class InProcessBus:
             ).fetchall()
             return [(int(r[0]), str(r[1]), bytes(r[2])) for r in rows]
 
+        # Woken by every publish in this process; the poll (1 s, stretching while idle) finds
+        # what another process wrote to the bus's file.
+        idle = IdleInterval(1.0)
         while True:
             async with self._new:
                 batch = await self._run(fetch)
+                idle.found(bool(batch))
                 if not batch:
                     try:
-                        await asyncio.wait_for(self._new.wait(), timeout=1.0)
+                        await asyncio.wait_for(self._new.wait(), timeout=idle.current)
+                        idle.found(True)
                     except TimeoutError:
                         pass
                     continue

@@ -33,6 +33,7 @@ from workbench.db import Database, UTCDateTime, utcnow
 from workbench.events.bus import EventBus
 from workbench.events.contracts import validate_event_data
 from workbench.events.envelope import EventEnvelope
+from workbench.polling import IdleInterval
 
 log = logging.getLogger("workbench.outbox")
 
@@ -168,26 +169,31 @@ class OutboxRelay:
             pass
 
     async def _run(self) -> None:
-        """Relay whenever a transaction commits (or every poll interval). After a failed
-        publish the relay backs off — 0.2 s doubling to at most `MAX_BACKOFF_S` — and commits
-        do not cut the backoff short: while the bus is down a busy service retries a few times
-        a second at most, not once per commit, and resumes within `MAX_BACKOFF_S` of the bus
-        coming back."""
+        """Relay whenever a transaction commits, and poll every poll interval (stretching up to
+        8 x while polls find nothing: `IdleInterval`). After a failed publish the relay backs
+        off — 0.2 s doubling to at most `MAX_BACKOFF_S` — and commits do not cut it short:
+        while the bus is down a busy service retries a few times a second at most, not once
+        per commit, and resumes within `MAX_BACKOFF_S` of the bus coming back."""
         last_cleanup = 0.0
         loop = asyncio.get_running_loop()
         failing_since: float | None = None
+        idle = IdleInterval(self.poll_interval_s)
         while True:
+            woken = False
             if self._backoff:
                 await asyncio.sleep(self._backoff)
             else:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=self.poll_interval_s)
+                    await asyncio.wait_for(self._wake.wait(), timeout=idle.current)
+                    woken = True
                 except TimeoutError:
                     pass
             self._wake.clear()
             try:
-                while await self.relay_once() == self.batch_size:
-                    pass
+                published = await self.relay_once()
+                idle.found(woken or published > 0)
+                while published == self.batch_size:
+                    published = await self.relay_once()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -224,6 +230,8 @@ class OutboxRelay:
         if self.db.is_sqlite:
             async with self.db.transaction() as session:
                 rows = list((await session.execute(stmt)).all())
+            if not rows:  # the usual poll: no second transaction to mark nothing
+                return 0
             done, error = await self._publish(rows)
             async with self.db.transaction() as session:
                 await self._mark(session, done, error)

@@ -21,6 +21,7 @@ from workbench.events.bus import ConsumerOptions, InProcessBus, subject_matches
 from workbench.events.envelope import EventEnvelope
 from workbench.events.outbox import (
     MAX_BACKOFF_S,
+    OUTBOX_PENDING,
     EventTables,
     Outbox,
     OutboxRelay,
@@ -414,6 +415,41 @@ async def test_running_relay_retries_until_bus_comes_back(store: Store) -> None:
     assert fake.published[0].id == env.id
     [row] = await store.outbox_rows()
     assert row["published_at"] is not None and row["attempts"] >= 1
+
+
+async def test_idle_relay_polls_less_and_less_yet_relays_a_commit_at_once(store: Store) -> None:
+    """Polls that find nothing stretch the wait (0.1, 0.2, 0.4, then 0.8 s: 8 x the interval);
+    a commit still wakes the relay at once, and a row that no commit of this process announced
+    (another replica's) is still found by a poll."""
+    fake = FakeBus()
+    relay = OutboxRelay(store.db, fake, store.tables, poll_interval_s=0.1)  # type: ignore[arg-type]
+    polls = 0
+    relay_once = relay.relay_once
+
+    async def counted() -> int:
+        nonlocal polls
+        polls += 1
+        return await relay_once()
+
+    relay.relay_once = counted  # type: ignore[method-assign]
+    relay.start()
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.sleep(2.4)
+        # Every 0.1 s that would be 24 polls; stretched: about 5 (0.1, 0.3, 0.7, 1.5, 2.3).
+        assert 3 <= polls <= 8, polls
+        started = loop.time()
+        async with store.db.transaction() as s:
+            await store.record(s, "u1")
+        await eventually(lambda: len(fake.published) == 1, timeout=3)
+        assert loop.time() - started < 0.5  # woken by the commit, not the next poll
+        async with store.db.transaction() as s:  # written as another replica would: no wake-up
+            await store.record(s, "u2")
+            s.info.pop(OUTBOX_PENDING)
+        await eventually(lambda: len(fake.published) == 2, timeout=3)
+    finally:
+        await relay.stop()
+    assert [e.data["user_id"] for e in fake.published] == ["u1", "u2"]
 
 
 class CountingBus(FakeBus):
