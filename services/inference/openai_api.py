@@ -185,15 +185,21 @@ def replica_session(read_timeout_s: float) -> aiohttp.ClientSession:
 
 async def _lines(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
     """The lines of a response body as they arrive, whatever their length (aiohttp's own
-    line reader stops at 64 KiB) and their ending (\n or \r\n)."""
-    rest = b""
+    line reader stops at 64 KiB; pieces of a long line are joined once) and their ending
+    (\n or \r\n)."""
+    pending: list[bytes] = []
     async for data in content.iter_any():
-        rest += data
-        *lines, rest = rest.split(b"\n")
-        for line in lines:
-            yield line.rstrip(b"\r")
-    if rest:
-        yield rest.rstrip(b"\r")
+        *lines, last = data.split(b"\n")
+        if lines:
+            if pending:
+                lines[0] = b"".join([*pending, lines[0]])
+                pending = []
+            for line in lines:
+                yield line.rstrip(b"\r")
+        if last:
+            pending.append(last)
+    if pending:
+        yield b"".join(pending).rstrip(b"\r")
 
 
 async def _serve(request: Request, p: Principal, body: BaseModel, endpoint: str) -> Response:
