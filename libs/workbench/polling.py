@@ -9,6 +9,9 @@ they find nothing, and snaps back when there is work."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
+
 IDLE_STRETCH = 8  # an idle poller waits at most 8 x its interval between polls
 
 
@@ -25,3 +28,13 @@ class IdleInterval:
 
     def found(self, work: bool) -> None:
         self.current = self.base if work else min(self.current * 2, self.longest)
+
+    async def wait(self, wake: Awaitable[object]) -> bool:
+        """Waits for `wake` (an event's or a condition's `wait()`) at most the current
+        interval: True when it came (the interval is back to `base`), False at the timeout."""
+        try:
+            await asyncio.wait_for(wake, self.current)
+        except TimeoutError:
+            return False
+        self.found(True)
+        return True

@@ -53,7 +53,7 @@ class Ingestor:
         # Knowledge bases written to since the last flush of their vectors.
         self._unflushed: set[uuid.UUID] = set()
         self._counter: Any = None
-        self._retries: list[float] = []  # monotonic times of the retries this replica set
+        self._retry_until = 0.0  # monotonic time the last retry this replica set falls due
 
     def count_tokens(self, text: str) -> int:
         if self._counter is None:
@@ -71,7 +71,8 @@ class Ingestor:
         for documents no wake-up announced (another replica's expired lease)."""
         idle = IdleInterval(self.settings.kb_poll_interval_s)
         while True:
-            busy = bool(self._tasks)
+            # A retry this replica scheduled keeps the poll at its interval until it is due.
+            busy = bool(self._tasks) or time.monotonic() <= self._retry_until
             try:
                 while len(self._tasks) < self.settings.kb_ingest_concurrency:
                     doc_id = await self.claim()
@@ -89,20 +90,7 @@ class Ingestor:
                 busy = True  # retried at the base interval
                 log.warning("ingestion loop: %s", exc)
             idle.found(busy)
-            wait = idle.current
-            if self._retries:  # retries this replica scheduled: looked for when they fall due
-                now = time.monotonic()
-                due = [t for t in self._retries if t <= now]
-                self._retries = [t for t in self._retries if t > now]
-                if due:  # one more round: they may have fallen due after this round's claim
-                    wait = 0.05
-                elif self._retries:
-                    wait = min(wait, min(self._retries) - now + 0.05)
-            try:
-                await asyncio.wait_for(self.wake.wait(), wait)
-                idle.found(True)
-            except TimeoutError:
-                pass
+            await idle.wait(self.wake.wait())
             self.wake.clear()
 
     async def _flush(self) -> None:
@@ -312,7 +300,7 @@ class Ingestor:
                 row.status = "queued"
                 row.lease_until = utcnow() + timedelta(seconds=pause)
                 await s.flush()
-                self._retries.append(time.monotonic() + pause)
+                self._retry_until = max(self._retry_until, time.monotonic() + pause)
 
 
 def _embedding_text(d: Document, c: Chunk) -> str:

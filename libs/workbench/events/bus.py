@@ -260,11 +260,7 @@ class InProcessBus:
                 batch = await self._run(fetch)
                 idle.found(bool(batch))
                 if not batch:
-                    try:
-                        await asyncio.wait_for(self._new.wait(), timeout=idle.current)
-                        idle.found(True)
-                    except TimeoutError:
-                        pass
+                    await idle.wait(self._new.wait())
                     continue
             if batch_handler is not None:
                 events = [(seq, EventEnvelope.from_bytes(p)) for seq, subj, p in batch

@@ -183,11 +183,7 @@ class OutboxRelay:
             if self._backoff:
                 await asyncio.sleep(self._backoff)
             else:
-                try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=idle.current)
-                    woken = True
-                except TimeoutError:
-                    pass
+                woken = await idle.wait(self._wake.wait())
             self._wake.clear()
             try:
                 published = await self.relay_once()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from workbench.polling import IdleInterval
@@ -28,3 +30,16 @@ def test_a_stretch_of_one_keeps_the_interval() -> None:
 def test_bad_settings_are_refused(base: float, stretch: int) -> None:
     with pytest.raises(ValueError):
         IdleInterval(base, stretch)
+
+
+async def test_wait_returns_on_a_wake_up_and_resets_or_times_out_at_the_current_interval() -> None:
+    idle = IdleInterval(0.05)
+    idle.found(False)  # 0.1 s now
+    event = asyncio.Event()
+    event.set()
+    assert await idle.wait(event.wait()) is True
+    assert idle.current == 0.05
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await idle.wait(asyncio.Event().wait()) is False
+    assert loop.time() - started >= 0.04
