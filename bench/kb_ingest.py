@@ -187,7 +187,7 @@ def pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1000
 
 
-def timed(fn: Callable[[str], None], queries: list[str]) -> list[float]:
+def timed(fn: Search, queries: list[str]) -> list[float]:
     out = []
     for q in queries:
         t = time.perf_counter()
@@ -207,7 +207,7 @@ def main(args: argparse.Namespace) -> None:
               f"{OVERLAP}; {len(queries)} queries per side and mode in {rounds} rounds")
         with direct(corpus, workdir) as (d_cps, d_chunks, d_search), \
                 platform(corpus, workdir) as (p_cps, p_chunks, p_retrieve):
-            sides: dict[str, Callable[[str], None]] = {
+            sides: dict[str, Search] = {
                 "direct": d_search,
                 "vector": lambda q: p_retrieve(q, "vector"),
                 "hybrid": lambda q: p_retrieve(q, "hybrid")}
@@ -220,7 +220,7 @@ def main(args: argparse.Namespace) -> None:
                 got = {name: timed(sides[name], part) for name in order}
                 for name, values in got.items():
                     lat[name] += values
-                d, v = (statistics.median(got[k]) * 1000 for k in ("direct", "vector"))
+                d, v = (pct(got[k], 50) for k in ("direct", "vector"))
                 print(f"round {i + 1}: direct p50 {d:5.1f} ms, platform vector p50 {v:5.1f} ms:"
                       f" adds {v - d:5.1f} ms")
         print(f"direct:   {d_chunks} chunks, {d_cps:6.1f} chunks/s; search p50 "
