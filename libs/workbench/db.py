@@ -3,18 +3,30 @@ PostgreSQL schema (distributed), and one transaction per unit of work."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
-from sqlalchemy import DateTime, MetaData, TypeDecorator, Uuid, event, text
+from sqlalchemy import (
+    DateTime,
+    Engine,
+    MetaData,
+    Row,
+    TypeDecorator,
+    Uuid,
+    create_engine,
+    event,
+    text,
+)
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -23,6 +35,7 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.sql import Executable
 
 from workbench.settings import CoreSettings, DatabaseSettings, RunMode
 
@@ -140,6 +153,9 @@ class Database:
             self.engine = self.engine.execution_options(schema_translate_map={None: schema})
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         self._commit_listeners: list[Callable[[], None]] = []
+        self._read_kwargs = kwargs
+        self._reader: Engine | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
 
     def add_commit_listener(self, fn: Callable[[], None]) -> None:
         """Called after a transaction that wrote outbox events commits (wakes the relay)."""
@@ -172,12 +188,54 @@ class Database:
                 yield session
             self.after_commit(session)
 
+    async def read(self, statement: Executable, params: Mapping[str, Any] | None = None
+                   ) -> Sequence[Row[Any]]:
+        """The rows of one query over committed data, outside any transaction of the caller's:
+        for the hot read paths (a knowledge base's retrieval) that need no unit of work.
+
+        On SQLite the query runs on a connection of its own (`PRAGMA query_only`: a write
+        fails loudly) in a reader thread, in one hand-off; through aiosqlite a transaction
+        hands each step (begin, cursor, execute, fetch, commit) to its connection's thread in
+        turn (1.6 ms against 0.2 ms for a one-row-per-id SELECT, measured), and every
+        transaction here begins IMMEDIATE, so a read waits while a writer holds the lock.
+        A read in autocommit mode does not take the write lock, and under WAL it never waits
+        for a writer. On PostgreSQL: a pooled connection of the engine."""
+        if not self.is_sqlite:
+            async with self.engine.connect() as conn:
+                return (await conn.execute(statement, params or {})).all()
+        reader = self._sqlite_reader()
+
+        def run() -> Sequence[Row[Any]]:
+            with reader.connect() as conn:
+                return conn.execute(statement, params or {}).all()
+
+        assert self._read_threads is not None
+        return await asyncio.get_running_loop().run_in_executor(self._read_threads, run)
+
+    def _sqlite_reader(self) -> Engine:
+        if self._reader is None:
+            url = make_url(self.url).set(drivername="sqlite")
+            # As many reader threads as pooled connections: a read never waits for one.
+            threads = 4
+            reader = create_engine(url, pool_size=threads, max_overflow=0,
+                                   **self._read_kwargs)
+            event.listen(reader, "connect", _sqlite_reader_pragmas)
+            self._read_threads = ThreadPoolExecutor(threads, thread_name_prefix="db-read")
+            self._reader = reader
+        return self._reader
+
     async def ping(self) -> None:
         async with self.engine.connect() as conn:
             await conn.execute(text("SELECT 1"))
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+        if self._reader is not None:
+            self._reader.dispose()
+            self._reader = None
+        if self._read_threads is not None:
+            self._read_threads.shutdown(wait=True)
+            self._read_threads = None
 
 
 def _json_dumps(value: Any) -> str:
@@ -199,5 +257,15 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_reader_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    # Autocommit: each read is its own implicit transaction, which under WAL takes no lock a
+    # writer holds; query_only makes a write through the reader an error, not a surprise.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA query_only=ON")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.close()

@@ -327,11 +327,12 @@ async def delete_document(kb_id: uuid.UUID, document_id: uuid.UUID, p: Deleter, 
 
 @router.post("/{kb_id}/retrieve", response_model=sch.RetrieveResponse,
              summary="Search a knowledge base (vector, keyword BM25, or hybrid)")
-async def retrieve(kb_id: uuid.UUID, body: sch.RetrieveRequest, p: Reader, s: SessionDep,
+async def retrieve(kb_id: uuid.UUID, body: sch.RetrieveRequest, p: Reader,
                    request: Request) -> Any:
+    # No transaction: retrieval reads committed rows only (KbService.retrieve).
     started = time.perf_counter()
-    kb = await svc(request).get_kb_for_query(s, p, kb_id)
-    hits = await svc(request).retrieve(s, p, kb, query=body.query, top_k=body.top_k,
+    kb = await svc(request).get_kb_for_query(p, kb_id)
+    hits = await svc(request).retrieve(p, kb, query=body.query, top_k=body.top_k,
                                        mode=body.mode, score_threshold=body.score_threshold,
                                        filters=body.filters, vector_weight=body.vector_weight)
     # Written directly (the hits are plain dataclasses of the response model's fields):
@@ -348,16 +349,17 @@ async def retrieve(kb_id: uuid.UUID, body: sch.RetrieveRequest, p: Reader, s: Se
 async def chat(kb_id: uuid.UUID, body: sch.ChatRequest, p: Reader, request: Request) -> Any:
     service = svc(request)
     rag: Rag = request.app.state.kb_rag
-    async with service.db.transaction() as s:
-        kb = await service.get_kb_for_query(s, p, kb_id)
-        model = body.model or kb.chat_model
-        if not model:
-            raise ValidationFailed("name a chat model (this knowledge base has no chat_model)",
-                                   extra={"field": "model"})
-        messages = [m.model_dump() for m in body.messages]
-        prepared = await rag.prepare(s, p, kb, messages=messages, model=model,
-                                     top_k=body.top_k, min_score=body.min_score,
-                                     filters=body.filters, context_tokens=body.context_tokens)
+    # No transaction is held while the question is rewritten and the sources retrieved (both
+    # wait on models): the knowledge base and its chunks are read as committed rows.
+    kb = await service.get_kb_for_query(p, kb_id)
+    model = body.model or kb.chat_model
+    if not model:
+        raise ValidationFailed("name a chat model (this knowledge base has no chat_model)",
+                               extra={"field": "model"})
+    messages = [m.model_dump() for m in body.messages]
+    prepared = await rag.prepare(p, kb, messages=messages, model=model,
+                                 top_k=body.top_k, min_score=body.min_score,
+                                 filters=body.filters, context_tokens=body.context_tokens)
     sources = [src.view() for src in prepared.sources]
     if not body.stream:
         text = await rag.answer(p, prepared, model, body.max_tokens, body.temperature)

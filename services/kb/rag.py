@@ -10,8 +10,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 from services.kb import bm25
 from services.kb.models import KnowledgeBase
 from services.kb.service import Hit, KbService
@@ -97,14 +95,14 @@ class Rag:
         previous = earlier[-1].strip()
         return f"{question} ({previous})"
 
-    async def prepare(self, s: AsyncSession, p: Principal, kb: KnowledgeBase, *,
+    async def prepare(self, p: Principal, kb: KnowledgeBase, *,
                       messages: Sequence[dict[str, str]], model: str, top_k: int,
                       min_score: float, filters: dict[str, Any] | None,
                       context_tokens: int) -> Prepared:
         check_messages(messages)
         question = messages[-1]["content"].strip()
         rewritten = await self.rewrite(p, model, messages)
-        hits = await self.service.retrieve(s, p, kb, query=rewritten, top_k=top_k,
+        hits = await self.service.retrieve(p, kb, query=rewritten, top_k=top_k,
                                            mode="hybrid", score_threshold=min_score,
                                            filters=filters)
         # Relevant only when the meaning matches: keyword overlap alone (a shared common word)

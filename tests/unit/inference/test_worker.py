@@ -411,21 +411,48 @@ async def test_embedding_engine_calls_torch_from_one_thread(
     from services.inference.worker import EmbeddingEngine, EmbeddingRequest
 
     callers: list[int] = []
-    original = SentenceTransformer.encode
+    original = SentenceTransformer.forward
 
-    def encode(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def forward(self: Any, *args: Any, **kwargs: Any) -> Any:
         callers.append(threading.get_ident())
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(SentenceTransformer, "encode", encode)
-    engine = EmbeddingEngine(minilm_path(), "minilm", 64, 0.0, None)
+    monkeypatch.setattr(SentenceTransformer, "forward", forward)
+    engine = EmbeddingEngine(minilm_path(), "minilm", 2, 0.0, None)
     runner = asyncio.create_task(engine.run())
     try:
-        for inputs in (["one sentence"], ["two", "sentences"]):
+        # one model batch, then three inputs: encode() with two model batches
+        for inputs in (["one sentence"], ["three", "short", "sentences"]):
             r = await engine.embed(EmbeddingRequest(input=inputs, model="minilm"))
             assert len(json.loads(r.body)["data"]) == len(inputs)
     finally:
         runner.cancel()
         engine.close()
-    assert len(callers) == 3  # the warm-up and the two requests
+    assert len(callers) == 5  # two warm-ups (encode, one batch) and four model batches
     assert len(set(callers)) == 1 and threading.get_ident() not in callers
+
+
+def test_one_batch_encode_gives_encodes_vectors_and_token_counts() -> None:
+    """Inputs that fit one model batch skip encode()'s per-call work: the same modules on the
+    same padded batch, so the vectors are encode()'s and usage counts the same tokens."""
+    from services.inference.worker import EmbeddingEngine
+
+    engine = EmbeddingEngine(minilm_path(), "minilm", 64, 0.0, None)
+    try:
+        assert engine._one_batch
+        model = engine.model
+        words = "the cat sat on a mat while quarterly filings were due in April".split()
+        for n in (1, 5, 64, 65):  # 65: more than one model batch, through encode()
+            texts = [" ".join(words[: 1 + (i * 7) % len(words)]) * (1 + i % 40)
+                     for i in range(n)]  # up to ~500 words: some are truncated at 256 tokens
+            got, counts = engine._executor.submit(engine._encode, texts).result()
+            want = engine._executor.submit(
+                model.encode, texts, batch_size=64, normalize_embeddings=True,
+                convert_to_numpy=True, show_progress_bar=False).result()
+            assert got.shape == want.shape == (n, 384) and got.dtype == np.float32
+            assert np.abs(got - want).max() < 1e-5, n
+            ids = model.tokenizer(texts, truncation=True, max_length=engine.n_ctx)["input_ids"]
+            assert counts == [len(x) for x in ids], n
+            assert max(counts) == 256 or n < 64
+    finally:
+        engine.close()
