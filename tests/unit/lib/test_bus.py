@@ -449,7 +449,10 @@ async def test_idle_relay_polls_less_and_less_yet_relays_a_commit_at_once(store:
         await eventually(lambda: len(fake.published) == 2, timeout=3)
     finally:
         await relay.stop()
-    assert [e.data["user_id"] for e in fake.published] == ["u1", "u2"]
+    # The stop may cancel the pass between publishing u2 and marking it; its last pass then
+    # publishes u2 again (at least once: the bus deduplicates by event id).
+    assert list(dict.fromkeys(e.data["user_id"] for e in fake.published)) == ["u1", "u2"]
+    assert len({e.id for e in fake.published}) == 2
 
 
 class CountingBus(FakeBus):
