@@ -537,8 +537,10 @@ class EmbeddingEngine:
         # work: resolving the device over every parameter, eval() over every module, sorting,
         # and a second tokenization to count tokens (~1.5 ms of a 12 ms one-sentence encode,
         # measured). The same modules run on the same padded batch, so the vectors are
-        # encode()'s. Not for models whose encode() adds a prompt or packs inputs unpadded.
-        self._one_batch = (self.model.default_prompt_name is None and
+        # encode()'s. Not for models whose encode() adds a prompt, cuts the vectors short or
+        # packs inputs unpadded (flash attention).
+        self._one_batch = (getattr(self.model, "default_prompt_name", None) is None and
+                           getattr(self.model, "truncate_dim", None) is None and
                            not getattr(self.model, "_can_flatten_inputs", lambda: True)())
         if self._one_batch:
             self._executor.submit(self._encode_one_batch, ["warm up"]).result()

@@ -9,6 +9,7 @@ filters as plain values, never expression text."""
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
 import math
 import re
@@ -601,6 +602,15 @@ class _LiteServer:
 
 _lite_servers: dict[str, _LiteServer] = {}
 _lite_lock = threading.Lock()
+
+
+@atexit.register
+def _close_lite_servers() -> None:
+    """A process that ends without closing its stores still flushes them (as milvus-lite's own
+    server manager does at exit)."""
+    for lite in list(_lite_servers.values()):
+        lite.users = 1
+        _release_lite(lite)
 
 
 def _retain_lite(uri: str) -> _LiteServer:
