@@ -22,6 +22,13 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+from milvus_lite import (
+    CollectionNotFoundError,
+    CollectionNotLoadedError,
+    DataDirLockedError,
+    MilvusLiteError,
+)
+from milvus_lite.adapter.grpc.server import start_server_in_thread
 from pymilvus import DataType, MilvusClient, MilvusException
 
 from workbench.errors import Conflict, NotFound, ServiceUnavailable, ValidationFailed
@@ -424,7 +431,6 @@ class VectorStore:
             if not self._exists(c, name):
                 return []
             if self._lite is not None:
-                from milvus_lite import CollectionNotLoadedError
                 try:
                     result = _lite_search(self._lite, name, query, top_k, expr, fields)
                 except CollectionNotLoadedError:  # released meanwhile: load it again
@@ -604,19 +610,7 @@ _lite_servers: dict[str, _LiteServer] = {}
 _lite_lock = threading.Lock()
 
 
-@atexit.register
-def _close_lite_servers() -> None:
-    """A process that ends without closing its stores still flushes them (as milvus-lite's own
-    server manager does at exit)."""
-    for lite in list(_lite_servers.values()):
-        lite.users = 1
-        _release_lite(lite)
-
-
 def _retain_lite(uri: str) -> _LiteServer:
-    from milvus_lite import DataDirLockedError
-    from milvus_lite.adapter.grpc.server import start_server_in_thread
-
     path = str(Path(uri).resolve())
     with _lite_lock:
         lite = _lite_servers.get(path)
@@ -639,10 +633,24 @@ def _release_lite(lite: _LiteServer) -> None:
         lite.users -= 1
         if lite.users > 0:
             return
-        _lite_servers.pop(lite.path, None)
-        # Requests in flight finish (up to 2 s), then the engine flushes and frees the folder.
-        lite.server.stop(grace=2).wait()
-        lite.engine.close()
+        _stop_lite(lite)
+
+
+def _stop_lite(lite: _LiteServer) -> None:
+    """Called with `_lite_lock` held. Requests in flight finish (up to 2 s), then the engine
+    flushes and frees the folder."""
+    _lite_servers.pop(lite.path, None)
+    lite.server.stop(grace=2).wait()
+    lite.engine.close()
+
+
+@atexit.register
+def _stop_lite_servers() -> None:
+    """A process that ends without closing its stores still flushes them (as milvus-lite's own
+    server manager does at exit)."""
+    with _lite_lock:
+        for lite in list(_lite_servers.values()):
+            _stop_lite(lite)
 
 
 def _lite_search(lite: _LiteServer, name: str, query: list[float], top_k: int, expr: str,
@@ -652,8 +660,6 @@ def _lite_search(lite: _LiteServer, name: str, query: list[float], top_k: int, e
     750-vector collection, measured), the same hits and cosine scores. Hits carry the primary
     key as `id`, the other fields under `entity`. A collection not loaded raises milvus-lite's
     CollectionNotLoadedError (the caller loads it)."""
-    from milvus_lite import CollectionNotFoundError, CollectionNotLoadedError, MilvusLiteError
-
     try:
         collection = lite.engine.get_collection(name)
         return list(collection.search([query], top_k=top_k, expr=expr, output_fields=fields,
